@@ -1,0 +1,25 @@
+# edgeopt — set-up, tests and device deployment.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+# The CPU build of torch lies on this disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_PIN = torch==2.13.0
+
+.PHONY: setup test lint bench clean
+
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH_PIN)
+	$(PIP) install -e '.[dev]' $(TORCH_PIN)
+
+test:
+	$(VENV)/bin/ruff check edgeopt tests benchmarks
+	$(PY) -m pytest -q
+
+lint:
+	$(VENV)/bin/ruff check edgeopt tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

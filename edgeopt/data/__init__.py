@@ -1,0 +1,48 @@
+"""Datasets with fixed train / calibration / eval splits, registered by name.
+
+A dataset factory takes the recipe's keyword arguments and returns `Splits`.
+Calibration data feeds quantization and rank selection; accuracy is only ever
+reported on the eval split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from edgeopt.registry import Registry
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (self.x[i : i + batch_size], self.y[i : i + batch_size])
+            for i in range(0, len(self), batch_size)
+        ]
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    calib: Split
+    eval: Split
+    num_classes: int
+
+
+DATASETS: Registry[Callable[..., Splits]] = Registry("dataset", "edgeopt.datasets")
+
+
+def load_dataset(name: str, **kwargs: Any) -> Splits:
+    return DATASETS.get(name)(**kwargs)
+
+
+from edgeopt.data import digits as _digits  # noqa: E402,F401  (registers built-ins)

@@ -1,0 +1,118 @@
+"""Model registry: built-in names or `module:factory`, plus checkpoint loading.
+
+A factory is a callable returning an `nn.Module`; the recipe's `model.kwargs`
+are passed to it. Checkpoints are safetensors (or `.pt` state dicts, read with
+`weights_only=True`) and must match the model exactly (`strict=True`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgeopt.errors import InputError
+from edgeopt.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "edgeopt.models")
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    return MODELS.register(name)
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    """A registered name, or `package.module:callable` for user models."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise InputError(f"cannot import model module '{module_name}': {exc}") from exc
+        try:
+            return getattr(module, attr)
+        except AttributeError:
+            raise InputError(f"module '{module_name}' has no factory '{attr}'") from None
+    _load_builtins()
+    return MODELS.get(name)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {path} does not hold a state dict")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
+    """Load `path` into `model` strictly; a mismatch is a one-line InputError."""
+    state = load_state_dict(path)
+    missing, unexpected, wrong = _compare(model.state_dict(), state)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
+        raise InputError(f"checkpoint {path} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _compare(
+    expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in got and tuple(got[k].shape) != tuple(v.shape)
+    ]
+    return missing, unexpected, wrong
+
+
+def build_model(name: str, kwargs: dict[str, Any] | None = None, checkpoint: Path | None = None) -> nn.Module:
+    factory = resolve_factory(name)
+    try:
+        model = factory(**(kwargs or {}))
+    except TypeError as exc:
+        raise InputError(f"model '{name}' rejected its arguments: {exc}") from exc
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+_BUILTINS_LOADED = False
+
+
+def _load_builtins() -> None:
+    """Import the built-in model families so they register themselves."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+# Each built-in model family lives in its own module and registers on import.
+_BUILTIN_MODULES = ["edgeopt.models.mlp"]
