@@ -8,8 +8,9 @@ are passed to it. Checkpoints are safetensors (or `.pt` state dicts, read with
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

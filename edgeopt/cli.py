@@ -1,0 +1,281 @@
+"""The `edgeopt` command line: optimize, export, profile, report, profiles, passes.
+
+Exit codes: 0 success, 1 a budget was missed, 2 usage or input error (one line;
+the traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edgeopt import __version__
+from edgeopt.errors import InputError
+
+# Tables stay readable when the output is a pipe or a CI log (rich would assume 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+
+class BudgetMissed(Exception):
+    """The optimized artifact misses one of its budgets (exit code 1)."""
+
+
+class EdgeoptGroup(click.Group):
+    """Maps InputError to a one-line message and exit 2; --debug shows tracebacks."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except BudgetMissed as exc:
+            err_console.print(f"[bold yellow]budget missed:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+
+
+@click.group(cls=EdgeoptGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(__version__, prog_name="edgeopt")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Compress, export and profile trained PyTorch models for edge hardware."""
+    ctx.obj = {"debug": debug}
+
+
+# -- optimize -----------------------------------------------------------------
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--profile", "profile_name", required=True, help="Hardware profile name (see `edgeopt profiles list`) or YAML path.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/<recipe>-<profile>].")
+@click.option("--device", help="Profile on this inventory device over SSH instead of locally.")
+@click.option("--runs", default=50, show_default=True, help="Timed runs per artifact.")
+@click.option("--min-seconds", default=1.0, show_default=True, help="Minimum timed duration per artifact.")
+@click.option("--warmup", default=10, show_default=True, help="Warm-up runs per artifact.")
+def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | None, runs: int, min_seconds: float, warmup: int) -> None:
+    """Run RECIPE's passes for a hardware profile, profile every step, and report.
+
+    Steps whose inputs and config did not change since the last run are skipped.
+    Exits 1 when the final artifact misses a budget.
+    """
+    from edgeopt.pipeline import Pipeline, Timing, budgets_for, verdict
+    from edgeopt.profiles import load_profile
+    from edgeopt.recipes import load_recipe
+    from edgeopt.report import build_report, write_report
+
+    loaded = load_recipe(recipe)
+    profile = load_profile(profile_name)
+    run_dir = out or Path("runs") / f"{loaded.name}-{profile.name}"
+    pipeline = Pipeline(
+        loaded,
+        profile,
+        run_dir,
+        runner=None,
+        device=device,
+        timing=Timing(warmup=warmup, runs=runs, min_seconds=min_seconds),
+    )
+    with console.status(f"optimizing {loaded.name} for {profile.name}") as status:
+        pipeline.notify = lambda message: (status.update(message), console.log(message))
+        steps = pipeline.run()
+    report = build_report(loaded.name, profile.name, steps, verdict(steps, budgets_for(loaded, profile)))
+    write_report(run_dir, report)
+    print_report(report)
+    console.print(f"run directory: {run_dir}")
+    missed = [name for name, check in report["budgets"].items() if not check["ok"]]
+    if missed:
+        raise BudgetMissed(", ".join(missed))
+
+
+def print_report(report: dict) -> None:
+    from edgeopt.report import TABLE_COLUMNS, budget_rows, table_rows
+
+    table = Table(title=f"{report['recipe']} on {report['profile']}")
+    for column in TABLE_COLUMNS:
+        table.add_column(column, justify="left" if column in ("step", "format") else "right")
+    for row in table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    if report["budgets"]:
+        budgets = Table(title="budgets")
+        for column in ("budget", "measured", "limit", "verdict"):
+            budgets.add_column(column)
+        for row in budget_rows(report):
+            budgets.add_row(*row[:3], f"[green]{row[3]}[/]" if row[3] == "ok" else f"[red]{row[3]}[/]")
+        console.print(budgets)
+
+
+# -- export -------------------------------------------------------------------
+@cli.command("export")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model file.")
+def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
+    """Export RECIPE's trained model (fp32) to ONNX or TFLite and check parity."""
+    from edgeopt.artifact import ModelArtifact, ModelSource
+    from edgeopt.data import load_dataset
+    from edgeopt.evaluate import artifact_outputs, parity, torch_outputs
+    from edgeopt.exporters import export
+    from edgeopt.models import build_model
+    from edgeopt.recipes import load_recipe
+
+    loaded = load_recipe(recipe)
+    spec = loaded.model
+    model = build_model(spec.name, spec.kwargs, spec.checkpoint)
+    example = ModelArtifact("torch", Path(), ModelSource(spec.name), tuple(spec.input_shape)).example_input(2)
+    if fmt == "tensorrt":
+        from edgeopt.exporters.tensorrt import build_engine_from_model
+
+        path = build_engine_from_model(model, example, out)
+        console.print(f"wrote {path}")
+        return
+    with console.status(f"exporting to {fmt}"):
+        path = export(fmt, model, example, out)
+    x = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval.x[:256].numpy()
+    check = parity(torch_outputs(model, x), artifact_outputs(ModelArtifact(fmt, path, ModelSource(spec.name), ()), x))
+    console.print(
+        f"wrote {path}: parity max abs {check['max_abs']:.2e}, cosine {check['cosine']:.6f}, "
+        f"top-1 agreement {check['top1_agreement']:.3f}"
+    )
+
+
+# -- profile ------------------------------------------------------------------
+@cli.command("profile")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe whose eval split gives accuracy (for a model file).")
+@click.option("--threads", default=None, type=int, help="Runtime threads [default: the profile's].")
+@click.option("--profile", "profile_name", default="x86-cpu", show_default=True, help="Hardware profile (threads).")
+@click.option("--device", help="Inventory device to run on over SSH [default: this host].")
+@click.option("--runs", default=50, show_default=True)
+@click.option("--min-seconds", default=1.0, show_default=True)
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON result.")
+def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profile_name: str, device: str | None,
+                runs: int, min_seconds: float, warmup: int, as_json: bool) -> None:
+    """Profile ARTIFACT (an .onnx/.tflite file, or a bundle directory) for latency, memory and accuracy."""
+    import json
+    import tempfile
+
+    from edgeopt.profiler.runners import profile_bundle, profile_model
+    from edgeopt.profiles import load_profile
+
+    timing = {"runs": runs, "min_seconds": min_seconds, "warmup": warmup}
+    runner = None  # the device's own runner (ssh), or local without a device
+    if artifact.is_dir():
+        result = profile_bundle(artifact, runner=runner, device=device, **timing)
+    else:
+        if not artifact.is_file():
+            raise InputError(f"artifact not found: {artifact}")
+        if recipe is None:
+            raise InputError("profiling a model file needs --recipe (its eval split gives the accuracy)")
+        from edgeopt.data import load_dataset
+        from edgeopt.exporters import FORMAT_RUNTIME
+        from edgeopt.recipes import load_recipe
+
+        fmt = artifact.suffix.lstrip(".")
+        if fmt not in FORMAT_RUNTIME:
+            raise InputError(f"unknown model format '{artifact.suffix}' (expected .onnx, .tflite or .engine)")
+        loaded = load_recipe(recipe)
+        split = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval
+        threads = threads or load_profile(profile_name).threads
+        with tempfile.TemporaryDirectory() as work:
+            result = profile_model(artifact, FORMAT_RUNTIME[fmt], split.x.numpy(), split.y.numpy(), threads=threads,
+                                   work_dir=Path(work), runner=runner, device=device, **timing)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    lat = result["latency_ms"]
+    table = Table(title=str(artifact))
+    for column in ("runtime", "threads", "mean ms", "p50 ms", "p90 ms", "p99 ms", "init ms", "peak MB", "top-1 %"):
+        table.add_column(column, justify="right")
+    table.add_row(result["runtime"], str(result["threads"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
+                  f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}",
+                  f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "—")
+    console.print(table)
+
+
+# -- report -------------------------------------------------------------------
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report_cmd(run_dir: Path) -> None:
+    """Show the report of RUN_DIR (written by `edgeopt optimize`)."""
+    from edgeopt.report import load_report
+
+    print_report(load_report(run_dir))
+
+
+# -- profiles / passes ----------------------------------------------------------
+@cli.group()
+def profiles() -> None:
+    """Hardware profiles in profiles/."""
+
+
+@profiles.command("list")
+def profiles_list() -> None:
+    """List the hardware profiles."""
+    from edgeopt.profiles import load_profile_file, profile_paths
+
+    table = Table()
+    for column in ("name", "arch", "cpu", "memory MB", "accelerator", "runtimes", "threads"):
+        table.add_column(column)
+    for path in profile_paths().values():
+        p = load_profile_file(path)
+        table.add_row(p.name, p.arch, f"{p.cpu.model} ×{p.cpu.cores}", str(p.memory_mb), p.accelerator.model or p.accelerator.kind,
+                      ", ".join(p.runtimes), str(p.threads))
+    console.print(table)
+
+
+@profiles.command("show")
+@click.argument("name")
+def profiles_show(name: str) -> None:
+    """Show one profile, validated."""
+    import yaml
+
+    from edgeopt.profiles import load_profile
+
+    click.echo(yaml.safe_dump(load_profile(name).model_dump(mode="json"), sort_keys=False))
+
+
+@cli.group()
+def passes() -> None:
+    """Registered optimization passes."""
+
+
+@passes.command("list")
+def passes_list() -> None:
+    """List passes with their config fields and defaults."""
+    from edgeopt.passes import PASSES, _load_builtins
+
+    _load_builtins()
+    table = Table()
+    table.add_column("pass")
+    table.add_column("config (default)")
+    for name in PASSES.names():
+        cls = PASSES.get(name)
+        fields = ", ".join(f"{k}={v.default!r}" for k, v in cls.Config.model_fields.items())
+        table.add_row(name, fields)
+    console.print(table)
+
+
+def _attach_plugins() -> None:
+    """Command groups that live with their feature (MoE runtime, device inventory)."""
+    import importlib
+
+    for module, attr in (("edgeopt.moe.cli", "moe"), ("edgeopt.profiler.cli", "devices")):
+        try:
+            cli.add_command(getattr(importlib.import_module(module), attr))
+        except ImportError:
+            continue
+
+
+_attach_plugins()
+
+
+def main() -> None:
+    cli()

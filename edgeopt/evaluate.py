@@ -1,0 +1,83 @@
+"""Accuracy, size and parity of artifacts, in-process (the profiler measures speed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeopt.artifact import TORCH, ModelArtifact
+from edgeopt.errors import InputError
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def size_mb(path: Path) -> float:
+    return Path(path).stat().st_size / 1e6
+
+
+@torch.no_grad()
+def torch_outputs(module: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+    module = module.eval()
+    x = torch.as_tensor(x)
+    return torch.cat([module(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+
+
+def run_onnx(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def run_tflite(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Runs sample by sample: TFLite models are exported with a static batch of 1."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    results = []
+    for sample in np.asarray(x, dtype=np.float32):
+        interpreter.set_tensor(inp["index"], sample[None])
+        interpreter.invoke()
+        results.append(interpreter.get_tensor(out["index"])[0].copy())
+    return np.stack(results)
+
+
+def artifact_outputs(artifact: ModelArtifact, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    if artifact.format == TORCH:
+        return torch_outputs(artifact.load_module(), x)
+    if artifact.format == "onnx":
+        return run_onnx(artifact.path, x, threads)
+    if artifact.format == "tflite":
+        return run_tflite(artifact.path, x, threads)
+    raise InputError(f"cannot run a {artifact.format} artifact on this host")
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray | torch.Tensor) -> float:
+    return float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max abs error (absolute and relative to the output scale), cosine, top-1 agreement."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.shape != cand.shape:
+        raise InputError(f"parity: output shapes differ: {ref.shape} vs {cand.shape}")
+    max_abs = float(np.abs(ref - cand).max())
+    scale = float(np.abs(ref).max()) or 1.0
+    a, b = ref.ravel(), cand.ravel()
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    agree = float((ref.argmax(-1) == cand.argmax(-1)).mean())
+    return {"max_abs": max_abs, "max_rel": max_abs / scale, "cosine": cosine, "top1_agreement": agree}

@@ -1,0 +1,66 @@
+"""PyTorch → ONNX through torch.onnx's dynamo exporter, with a dynamic batch dimension."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeopt.exporters import EXPORTERS, ExportError
+from edgeopt.fileio import write_with
+
+OPSET = 18
+
+
+@EXPORTERS.register("onnx")
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Path:
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+
+    def write(tmp: Path) -> None:
+        try:
+            with _quiet():
+                program = torch.onnx.export(
+                    model,
+                    (example_input,),
+                    input_names=["input"],
+                    output_names=["output"],
+                    dynamic_shapes=({0: batch},),
+                    opset_version=OPSET,
+                    dynamo=True,
+                    external_data=False,
+                )
+                program.save(str(tmp))
+        except Exception as exc:
+            raise ExportError(describe_export_failure("ONNX", model, exc)) from exc
+
+    return write_with(Path(path), write)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress lines to stdout; keep the CLI's output ours."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def describe_export_failure(fmt: str, model: nn.Module, exc: Exception) -> str:
+    """One line naming the op (and module path, when the message shows it) and a way out."""
+    text = " ".join(str(exc).split())
+    op = re.search(r"(aten::[\w.]+|aten\.[\w.]+|torch\.ops\.[\w.]+)", text)
+    module = re.search(r"(?:module|scope)[ :'\"]+([\w.]+)", text)
+    what = f"op {op.group(1)}" if op else "the model"
+    where = f" in module '{module.group(1)}'" if module else ""
+    first = text[:240]
+    return (
+        f"{fmt} export failed: {what}{where} is not supported ({first}); "
+        f"try another format, or keep that module in float / rewrite it"
+    )

@@ -1,0 +1,43 @@
+"""Atomic file writes: a crash or an error never leaves a half-written artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; rename it into place on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(target: Path, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    return Path(target)
+
+
+def write_json(target: Path, data: Any) -> Path:
+    return write_text(target, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_with(target: Path, writer: Callable[[Path], None]) -> Path:
+    """Run `writer(tmp_path)` and move the result to `target` only if it succeeds."""
+    with atomic_path(target) as tmp:
+        writer(tmp)
+    return Path(target)

@@ -1,0 +1,269 @@
+"""Run a recipe for a profile: steps into `runs/<recipe>-<profile>/<NN>-<pass>/`.
+
+Every step writes its artifact and then `manifest.json` (config, input hash,
+metrics, wall time) last, so a step without a manifest is incomplete. A step
+whose input hash (previous artifact's bytes + pass name + config + profile +
+dataset) matches its manifest is not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeopt.artifact import TORCH, ModelArtifact, ModelSource, save_weights
+from edgeopt.data import Splits, load_dataset
+from edgeopt.errors import InputError
+from edgeopt.evaluate import artifact_outputs, count_params, size_mb, top1_accuracy
+from edgeopt.exporters import FORMAT_RUNTIME, export
+from edgeopt.fileio import write_json
+from edgeopt.models import build_model
+from edgeopt.passes import Pass, PassContext, make_pass
+from edgeopt.profiles import Budgets, Profile
+from edgeopt.recipes import Recipe
+
+MANIFEST = "manifest.json"
+Notify = Callable[[str], None]
+
+
+@dataclass
+class StepResult:
+    index: int
+    name: str
+    dir: Path
+    artifact: ModelArtifact
+    metrics: dict[str, Any]
+    cached: bool
+    wall_s: float
+
+
+@dataclass
+class Timing:
+    """How the profiler times each artifact (warm-up, then runs and a minimum duration)."""
+
+    warmup: int = 10
+    runs: int = 50
+    min_seconds: float = 1.0
+
+
+@dataclass
+class Pipeline:
+    recipe: Recipe
+    profile: Profile
+    run_dir: Path
+    runner: str | None = None  # None: the device's runner, or local without a device
+    device: str | None = None
+    timing: Timing = field(default_factory=Timing)
+    notify: Notify = lambda message: None
+
+    def run(self) -> list[StepResult]:
+        passes = [make_pass(spec.name, spec.config) for spec in self.recipe.passes]  # fail before any work
+        splits = load_dataset(self.recipe.dataset.name, **self.recipe.dataset.kwargs)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        steps = [self._original(splits)]
+        for index, the_pass in enumerate(passes, start=1):
+            steps.append(self._step(index, the_pass, splits, steps))
+        self._write_bundle(steps[-1], splits)
+        return steps
+
+    # -- steps -------------------------------------------------------------
+    def _original(self, splits: Splits) -> StepResult:
+        spec = self.recipe.model
+        if spec.checkpoint is not None and not spec.checkpoint.is_file():
+            raise InputError(f"checkpoint not found: {spec.checkpoint}")
+        key = _hash(
+            {
+                "model": spec.model_dump(mode="json", exclude={"checkpoint"}),
+                "checkpoint": _file_hash(spec.checkpoint) if spec.checkpoint else None,
+                **self._common_key(),
+            }
+        )
+        step_dir = self.run_dir / "00-original"
+
+        def make(ctx_metrics: dict[str, Any]) -> ModelArtifact:
+            model = build_model(spec.name, spec.kwargs, spec.checkpoint)
+            path = step_dir / "model.safetensors"
+            save_weights(model, path)
+            source = ModelSource(spec.name, dict(spec.kwargs))
+            return ModelArtifact(TORCH, path, source, tuple(spec.input_shape), module=model)
+
+        return self._cached_or_run(0, "original", {}, key, step_dir, splits, make)
+
+    def _step(self, index: int, the_pass: Pass, splits: Splits, done: list[StepResult]) -> StepResult:
+        name = the_pass.name
+        previous = done[-1]
+        config = the_pass.config.model_dump(mode="json")
+        key = _hash(
+            {
+                "previous": previous.metrics["key"],
+                "input": _file_hash(previous.artifact.path),
+                "pass": name,
+                "config": config,
+                **self._common_key(),
+            }
+        )
+        step_dir = self.run_dir / f"{index:02d}-{name}"
+
+        def make(ctx_metrics: dict[str, Any]) -> ModelArtifact:
+            ctx = PassContext(
+                splits=splits,
+                profile=self.profile,
+                step_dir=step_dir,
+                history=[s.artifact for s in done],
+                seed=self.recipe.seed,
+                metrics=ctx_metrics,
+            )
+            return the_pass.run(previous.artifact, ctx)
+
+        return self._cached_or_run(index, name, config, key, step_dir, splits, make)
+
+    def _cached_or_run(
+        self,
+        index: int,
+        name: str,
+        config: dict[str, Any],
+        key: str,
+        step_dir: Path,
+        splits: Splits,
+        make: Callable[[dict[str, Any]], ModelArtifact],
+    ) -> StepResult:
+        manifest_path = step_dir / MANIFEST
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            artifact = ModelArtifact.from_json(manifest["artifact"])
+            if manifest.get("input_hash") == key and artifact.path.is_file():
+                self.notify(f"{step_dir.name}: unchanged, skipped")
+                return StepResult(index, name, step_dir, artifact, manifest["metrics"], True, manifest["wall_s"])
+        if step_dir.exists():
+            shutil.rmtree(step_dir)
+        step_dir.mkdir(parents=True)
+        self.notify(f"{step_dir.name}: running")
+        start = time.perf_counter()
+        pass_metrics: dict[str, Any] = {}
+        try:
+            artifact = make(pass_metrics)
+            metrics = {"key": key, "pass": pass_metrics, **self._measure(artifact, splits, step_dir)}
+        except BaseException:
+            shutil.rmtree(step_dir, ignore_errors=True)  # nothing half-written survives
+            raise
+        wall = time.perf_counter() - start
+        write_json(
+            manifest_path,
+            {
+                "step": step_dir.name,
+                "pass": name,
+                "config": config,
+                "input_hash": key,
+                "artifact": artifact.to_json(),
+                "metrics": metrics,
+                "wall_s": wall,
+            },
+        )
+        return StepResult(index, name, step_dir, artifact, metrics, False, wall)
+
+    # -- measurement -------------------------------------------------------
+    def _measure(self, artifact: ModelArtifact, splits: Splits, step_dir: Path) -> dict[str, Any]:
+        """Accuracy and size in-process; latency and memory through the profiler.
+
+        A PyTorch step is profiled as its fp32 ONNX export so every step is timed
+        by the same runtime and the ratios between steps mean something.
+        """
+        eval_x = splits.eval.x.numpy()
+        eval_y = splits.eval.y.numpy()
+        metrics: dict[str, Any] = {
+            "format": artifact.format,
+            "precision": artifact.precision,
+            "size_mb": size_mb(artifact.path),
+            "accuracy": top1_accuracy(artifact_outputs(artifact, eval_x, self.profile.threads), eval_y),
+        }
+        if artifact.format == TORCH:
+            module = artifact.load_module()
+            metrics["params"] = count_params(module)
+            timed = export("onnx", module, artifact.example_input(2), step_dir / "profiled" / "model.onnx")
+            runtime = "onnxruntime"
+        else:
+            timed, runtime = artifact.path, FORMAT_RUNTIME[artifact.format]
+        self.notify(f"{step_dir.name}: profiling with {runtime}")
+        metrics["runtime"] = runtime
+        metrics["profile"] = self._profile(timed, runtime, eval_x, eval_y, step_dir / "profiled")
+        return metrics
+
+    def _profile(self, model: Path, runtime: str, x: np.ndarray, y: np.ndarray, work_dir: Path) -> dict[str, Any]:
+        from edgeopt.profiler.runners import profile_model
+
+        return profile_model(
+            model,
+            runtime,
+            x,
+            y,
+            threads=self.profile.threads,
+            work_dir=work_dir,
+            runner=self.runner,
+            device=self.device,
+            runs=self.timing.runs,
+            min_seconds=self.timing.min_seconds,
+            warmup=self.timing.warmup,
+        )
+
+    def _write_bundle(self, final: StepResult, splits: Splits) -> None:
+        """The deployable bundle of the final artifact, for `make deploy` / `edgeopt devices profile`."""
+        if final.artifact.format == TORCH:
+            return
+        from edgeopt.profiler.bundle import make_bundle
+
+        make_bundle(
+            final.artifact.path,
+            FORMAT_RUNTIME[final.artifact.format],
+            splits.eval.x.numpy(),
+            splits.eval.y.numpy(),
+            self.run_dir / "bundle",
+            threads=self.profile.threads,
+        )
+
+    def _common_key(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile.model_dump(mode="json"),
+            "dataset": self.recipe.dataset.model_dump(mode="json"),
+            "seed": self.recipe.seed,
+            "runner": [self.runner, self.device],
+        }
+
+
+def budgets_for(recipe: Recipe, profile: Profile) -> Budgets:
+    return profile.budgets.merged(recipe.budgets.get(profile.name))
+
+
+def verdict(steps: list[StepResult], budgets: Budgets) -> dict[str, dict[str, Any]]:
+    """Each budget: the measured value of the final artifact, the limit, and whether it holds."""
+    first, last = steps[0].metrics, steps[-1].metrics
+    measured = {
+        "max_latency_ms": last["profile"]["latency_ms"]["p50"],
+        "max_accuracy_drop": 100.0 * (first["accuracy"] - last["accuracy"]),
+        "max_model_size_mb": last["size_mb"],
+        "max_peak_memory_mb": last["profile"]["peak_rss_mb"],
+    }
+    return {
+        name: {"measured": measured[name], "limit": limit, "ok": measured[name] <= limit}
+        for name, limit in budgets.model_dump().items()
+        if limit is not None
+    }
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,72 @@
+"""Optimization recipes (`targets/*.yaml`): model + dataset + ordered passes + budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgeopt.profiles import Budgets
+from edgeopt.yamlio import load_model_yaml
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="registered model name or 'module:factory'")
+    kwargs: dict[str, Any] = {}
+    checkpoint: Path | None = None
+    input_shape: list[int] = Field(min_length=1, description="one sample, batch excluded")
+
+
+class DatasetSpec(_Strict):
+    name: str
+    kwargs: dict[str, Any] = {}
+
+
+class Step(_Strict):
+    """One pass: its registered name and its config."""
+
+    name: str
+    config: dict[str, Any] = {}
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    model: ModelSpec
+    dataset: DatasetSpec
+    passes: list[Step] = Field(min_length=1)
+    budgets: dict[str, Budgets] = Field(default={}, description="per-profile overrides of the profile's budgets")
+    seed: int = 0
+
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        """Accept `- lowrank: {rank_ratio: 0.5}` and `- export` as well as `{name:, config:}`."""
+        if not isinstance(value, list):
+            return value
+        steps = []
+        for item in value:
+            if isinstance(item, str):
+                steps.append({"name": item})
+            elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
+                (name, config), = item.items()
+                steps.append({"name": name, "config": config or {}})
+            else:
+                steps.append(item)
+        return steps
+
+
+def load_recipe(path: Path) -> Recipe:
+    recipe = load_model_yaml(Path(path), Recipe)
+    if recipe.model.checkpoint is not None and not recipe.model.checkpoint.is_absolute():
+        # checkpoints are relative to the repository root (the recipe's parent's parent) or the CWD
+        for base in (Path(path).resolve().parent.parent, Path.cwd()):
+            if (base / recipe.model.checkpoint).exists():
+                recipe.model.checkpoint = base / recipe.model.checkpoint
+                break
+    return recipe

@@ -1,0 +1,79 @@
+"""The digits-mlp slice end to end: steps, manifests, cache, parity, budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgeopt.pipeline import Pipeline, Timing, budgets_for, verdict
+from edgeopt.profiles import load_profile
+from edgeopt.recipes import load_recipe
+
+FAST = Timing(warmup=2, runs=5, min_seconds=0.05)
+
+
+def _pipeline(root: Path, out: Path, recipe_path: Path | None = None) -> Pipeline:
+    recipe = load_recipe(recipe_path or root / "targets" / "digits-mlp.yaml")
+    return Pipeline(recipe, load_profile("x86-cpu"), out, timing=FAST)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    from tests.conftest import ROOT
+
+    out = tmp_path_factory.mktemp("run")
+    steps = _pipeline(ROOT, out).run()
+    return out, steps
+
+
+def test_steps_and_manifests(first_run):
+    out, steps = first_run
+    assert [s.dir.name for s in steps] == ["00-original", "01-lowrank", "02-finetune", "03-export"]
+    for step in steps:
+        manifest = json.loads((step.dir / "manifest.json").read_text())
+        assert manifest["input_hash"] and manifest["wall_s"] > 0
+        assert Path(manifest["artifact"]["path"]).is_file()
+        assert manifest["metrics"]["profile"]["latency_ms"]["p50"] > 0
+    original, lowrank, finetuned, exported = (s.metrics for s in steps)
+    assert original["accuracy"] >= 0.96  # the shipped checkpoint
+    assert lowrank["params"] < 0.6 * original["params"]
+    assert lowrank["pass"]["factorized_layers"]  # something was factorized
+    assert exported["format"] == "onnx"
+    assert exported["pass"]["parity"]["max_rel"] < 1e-4
+    assert exported["pass"]["parity"]["top1_agreement"] == 1.0
+    assert exported["accuracy"] == pytest.approx(finetuned["accuracy"], abs=1e-9)
+    assert finetuned["accuracy"] > lowrank["accuracy"]
+    assert 100 * (original["accuracy"] - exported["accuracy"]) <= 1.5
+    assert (out / "bundle" / "meta.json").is_file()
+
+
+def test_second_run_skips_every_step(first_run, root):
+    out, steps = first_run
+    again = _pipeline(root, out).run()
+    assert all(s.cached for s in again)
+    assert [s.metrics["accuracy"] for s in again] == [s.metrics["accuracy"] for s in steps]
+
+
+def test_changed_config_reruns_from_that_step(first_run, root, tmp_path):
+    out, _ = first_run
+    recipe = yaml.safe_load((root / "targets" / "digits-mlp.yaml").read_text())
+    recipe["passes"][0] = {"lowrank": {"rank_ratio": 0.6}}
+    recipe["model"]["checkpoint"] = str(root / recipe["model"]["checkpoint"])
+    path = tmp_path / "digits-mlp.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    again = _pipeline(root, out, path).run()
+    assert [s.cached for s in again] == [True, False, False, False]
+
+
+def test_budget_verdict(first_run, root):
+    _, steps = first_run
+    recipe = load_recipe(root / "targets" / "digits-mlp.yaml")
+    budgets = budgets_for(recipe, load_profile("x86-cpu"))
+    assert budgets.max_model_size_mb == 1  # the recipe's override wins over the profile's 100
+    checks = verdict(steps, budgets)
+    assert checks["max_model_size_mb"]["ok"]
+    strict = budgets.model_copy(update={"max_latency_ms": 1e-6})
+    assert not verdict(steps, strict)["max_latency_ms"]["ok"]
