@@ -6,7 +6,7 @@ PIP     = $(VENV)/bin/pip
 # The CPU build of torch lies on this disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN = torch==2.13.0
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint clean regress-update
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup:
 test:
 	$(VENV)/bin/ruff check edgeopt tests benchmarks
 	$(PY) -m pytest -q
+	$(VENV)/bin/edgeopt regress
+
+regress-update:
+	$(VENV)/bin/edgeopt regress --update
 
 lint:
 	$(VENV)/bin/ruff check edgeopt tests benchmarks

@@ -210,6 +210,48 @@ def report_cmd(run_dir: Path) -> None:
     print_report(load_report(run_dir))
 
 
+# -- regress ------------------------------------------------------------------
+@cli.command()
+@click.option("--targets", type=click.Path(path_type=Path), default=Path("targets"), show_default=True,
+              help="Directory of recipes.")
+@click.option("--baselines", type=click.Path(path_type=Path), default=Path("targets/baselines.json"),
+              show_default=True, help="Committed baseline figures.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/regress"), show_default=True)
+@click.option("--update", is_flag=True, help="Rewrite the baselines with this run's figures.")
+@click.option("--profile", "only_profiles", multiple=True, help="Only these profiles [default: every one this host runs].")
+@click.option("--runs", default=30, show_default=True)
+@click.option("--min-seconds", default=0.5, show_default=True)
+def regress(targets: Path, baselines: Path, out: Path, update: bool, only_profiles: tuple[str, ...], runs: int,
+            min_seconds: float) -> None:
+    """Run every recipe for every profile this host can execute and compare with baselines.
+
+    Exits 1 on a regression (accuracy, size, latency ratio vs the fp32 export, or a budget).
+    """
+    from edgeopt.pipeline import Timing
+    from edgeopt.regress import run_regression
+
+    if not targets.is_dir():
+        raise InputError(f"targets directory not found: {targets}")
+    with console.status("regression check") as status:
+        checks, measured = run_regression(targets, baselines, out, update, Timing(warmup=5, runs=runs, min_seconds=min_seconds),
+                                          only_profiles=list(only_profiles) or None,
+                                          notify=lambda message: (status.update(message), console.log(message)))
+    table = Table(title="regression check")
+    for column in ("recipe", "profile", "metric", "measured", "limit", "source", "verdict"):
+        table.add_column(column)
+    for c in checks:
+        table.add_row(c.recipe, c.profile, c.metric, f"{c.measured:.4f}", f"{c.limit:.4f}", c.source,
+                      "[green]ok[/]" if c.ok else "[red]REGRESSION[/]")
+    console.print(table)
+    if update:
+        console.print(f"baselines rewritten: {baselines} ({len(measured)} recipe×profile pairs)")
+        return
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise BudgetMissed(f"{len(failed)} regression(s): " + ", ".join(f"{c.recipe}@{c.profile} {c.metric}" for c in failed))
+    console.print(f"no regression in {len(checks)} checks")
+
+
 # -- profiles / passes ----------------------------------------------------------
 @cli.group()
 def profiles() -> None:

@@ -23,10 +23,11 @@ from edgeopt.artifact import TORCH, ModelArtifact, ModelSource, save_weights
 from edgeopt.data import Splits, load_dataset
 from edgeopt.errors import InputError
 from edgeopt.evaluate import artifact_outputs, count_params, size_mb, top1_accuracy
-from edgeopt.exporters import FORMAT_RUNTIME, export
+from edgeopt.exporters import FORMAT_RUNTIME, SUFFIX, export
 from edgeopt.fileio import write_json
 from edgeopt.models import build_model
 from edgeopt.passes import Pass, PassContext, make_pass
+from edgeopt.passes.export import host_format
 from edgeopt.profiles import Budgets, Profile
 from edgeopt.recipes import Recipe
 
@@ -173,8 +174,9 @@ class Pipeline:
     def _measure(self, artifact: ModelArtifact, splits: Splits, step_dir: Path) -> dict[str, Any]:
         """Accuracy and size in-process; latency and memory through the profiler.
 
-        A PyTorch step is profiled as its fp32 ONNX export so every step is timed
-        by the same runtime and the ratios between steps mean something.
+        A PyTorch step is profiled as its fp32 export in the profile's format, so
+        every step is timed by the same runtime and the ratios between steps
+        (e.g. against the original's fp32 export) mean something.
         """
         eval_x = splits.eval.x.numpy()
         eval_y = splits.eval.y.numpy()
@@ -187,8 +189,9 @@ class Pipeline:
         if artifact.format == TORCH:
             module = artifact.load_module()
             metrics["params"] = count_params(module)
-            timed = export("onnx", module, artifact.example_input(2), step_dir / "profiled" / "model.onnx")
-            runtime = "onnxruntime"
+            fmt = host_format(self.profile)
+            timed = export(fmt, module, artifact.example_input(2), step_dir / "profiled" / f"model{SUFFIX[fmt]}")
+            runtime = FORMAT_RUNTIME[fmt]
         else:
             timed, runtime = artifact.path, FORMAT_RUNTIME[artifact.format]
         self.notify(f"{step_dir.name}: profiling with {runtime}")

@@ -102,7 +102,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"# edgeopt report: {report['recipe']} on {report['profile']}",
         "",
         "Latency is measured by the profile's runtime on the profiled host; PyTorch steps are timed "
-        "as their fp32 ONNX export so every row uses the same runtime.",
+        "as their fp32 export in the profile's format, so rows compare like with like.",
         "",
         "| " + " | ".join(TABLE_COLUMNS) + " |",
         "|" + "---|" * len(TABLE_COLUMNS),
