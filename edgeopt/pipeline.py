@@ -72,6 +72,7 @@ class Pipeline:
         steps = [self._original(splits)]
         for index, the_pass in enumerate(passes, start=1):
             steps.append(self._step(index, the_pass, splits, steps))
+        self._remove_stale_steps(steps)
         self._write_bundle(steps[-1], splits)
         return steps
 
@@ -215,6 +216,13 @@ class Pipeline:
             min_seconds=self.timing.min_seconds,
             warmup=self.timing.warmup,
         )
+
+    def _remove_stale_steps(self, steps: list[StepResult]) -> None:
+        """Step directories an earlier version of the recipe left behind would mislead."""
+        current = {s.dir.name for s in steps}
+        for path in self.run_dir.glob("[0-9][0-9]-*"):
+            if path.is_dir() and path.name not in current:
+                shutil.rmtree(path)
 
     def _write_bundle(self, final: StepResult, splits: Splits) -> None:
         """The deployable bundle of the final artifact, for `make deploy` / `edgeopt devices profile`."""

@@ -52,8 +52,11 @@ def build_report(
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
+    from edgeopt.report_html import write_html
+
     write_json(run_dir / REPORT_JSON, report)
     write_text(run_dir / "report.md", to_markdown(report))
+    write_html(run_dir, report)
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:

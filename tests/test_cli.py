@@ -32,6 +32,8 @@ def test_optimize_end_to_end(cli_runner, root, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and [r["pass"] for r in report["steps"]] == ["original", "lowrank", "finetune", "export"]
     assert "| 03-export |" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "03-export" in page
     shown = cli_runner.invoke(cli, ["report", str(out)])
     assert shown.exit_code == 0 and "03-export" in shown.output
     profiled = cli_runner.invoke(cli, ["profile", str(out / "bundle"), "--json", *FAST])
