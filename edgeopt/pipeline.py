@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -85,7 +86,7 @@ class Pipeline:
             {
                 "model": spec.model_dump(mode="json", exclude={"checkpoint"}),
                 "checkpoint": _file_hash(spec.checkpoint) if spec.checkpoint else None,
-                **self._common_key(),
+                **self._data_key(),
             }
         )
         step_dir = self.run_dir / "00-original"
@@ -109,7 +110,9 @@ class Pipeline:
                 "input": _file_hash(previous.artifact.path),
                 "pass": name,
                 "config": config,
-                **self._common_key(),
+                # passes that never read the profile share their output across profiles
+                "profile": self.profile.model_dump(mode="json") if the_pass.uses_profile else None,
+                **self._data_key(),
             }
         )
         step_dir = self.run_dir / f"{index:02d}-{name}"
@@ -137,39 +140,84 @@ class Pipeline:
         splits: Splits,
         make: Callable[[dict[str, Any]], ModelArtifact],
     ) -> StepResult:
-        manifest_path = step_dir / MANIFEST
-        if manifest_path.is_file():
-            manifest = json.loads(manifest_path.read_text())
+        """Reuse this run's step, or the shared cache's, or run the pass; then measure if needed."""
+        manifest = _read_manifest(step_dir)
+        measure_key = _hash(self._measure_key())
+        found = None
+        if manifest and manifest.get("input_hash") == key:
             artifact = ModelArtifact.from_json(manifest["artifact"])
-            if manifest.get("input_hash") == key and artifact.path.is_file():
-                self.notify(f"{step_dir.name}: unchanged, skipped")
-                return StepResult(index, name, step_dir, artifact, manifest["metrics"], True, manifest["wall_s"])
+            if artifact.path.is_file():
+                if manifest.get("measure_key") == measure_key:
+                    self.notify(f"{step_dir.name}: unchanged, skipped")
+                    return StepResult(index, name, step_dir, artifact, manifest["metrics"], True, manifest["wall_s"])
+                found = artifact, manifest["metrics"]["pass"], manifest["wall_s"]
+        if found is None:
+            found = self._from_shared_cache(key, step_dir)
+        cached = found is not None
+        try:
+            if found is None:
+                found = self._run_pass(step_dir, make)
+                self._to_shared_cache(key, step_dir, *found)
+            artifact, pass_metrics, wall = found
+            metrics = {"key": key, "pass": pass_metrics, **self._measure(artifact, splits, step_dir)}
+        except BaseException:
+            shutil.rmtree(step_dir, ignore_errors=True)  # nothing half-written survives
+            raise
+        write_json(
+            step_dir / MANIFEST,
+            {
+                "step": step_dir.name,
+                "pass": name,
+                "config": config,
+                "input_hash": key,
+                "measure_key": measure_key,
+                "artifact": artifact.to_json(),
+                "metrics": metrics,
+                "wall_s": wall,
+            },
+        )
+        return StepResult(index, name, step_dir, artifact, metrics, cached, wall)
+
+    def _run_pass(
+        self, step_dir: Path, make: Callable[[dict[str, Any]], ModelArtifact]
+    ) -> tuple[ModelArtifact, dict[str, Any], float]:
         if step_dir.exists():
             shutil.rmtree(step_dir)
         step_dir.mkdir(parents=True)
         self.notify(f"{step_dir.name}: running")
         start = time.perf_counter()
         pass_metrics: dict[str, Any] = {}
-        try:
-            artifact = make(pass_metrics)
-            metrics = {"key": key, "pass": pass_metrics, **self._measure(artifact, splits, step_dir)}
-        except BaseException:
-            shutil.rmtree(step_dir, ignore_errors=True)  # nothing half-written survives
-            raise
-        wall = time.perf_counter() - start
-        write_json(
-            manifest_path,
-            {
-                "step": step_dir.name,
-                "pass": name,
-                "config": config,
-                "input_hash": key,
-                "artifact": artifact.to_json(),
-                "metrics": metrics,
-                "wall_s": wall,
-            },
-        )
-        return StepResult(index, name, step_dir, artifact, metrics, False, wall)
+        artifact = make(pass_metrics)
+        return artifact, pass_metrics, time.perf_counter() - start
+
+    # -- the shared, content-addressed step cache ---------------------------
+    @property
+    def cache_dir(self) -> Path:
+        return self.run_dir.parent / ".cache"
+
+    def _to_shared_cache(self, key: str, step_dir: Path, artifact: ModelArtifact, pass_metrics: dict[str, Any],
+                         wall: float) -> None:
+        entry = self.cache_dir / key
+        if entry.exists():
+            return
+        tmp = self.cache_dir / f".{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(step_dir, tmp, ignore=shutil.ignore_patterns(MANIFEST, "profiled"))
+        record = {"artifact": artifact.to_json(), "relative": str(artifact.path.relative_to(step_dir)),
+                  "pass": pass_metrics, "wall_s": wall}
+        write_json(tmp / "entry.json", record)
+        os.replace(tmp, entry)
+
+    def _from_shared_cache(self, key: str, step_dir: Path) -> tuple[ModelArtifact, dict[str, Any], float] | None:
+        entry = self.cache_dir / key
+        if not (entry / "entry.json").is_file():
+            return None
+        record = json.loads((entry / "entry.json").read_text())
+        shutil.rmtree(step_dir, ignore_errors=True)
+        shutil.copytree(entry, step_dir, ignore=shutil.ignore_patterns("entry.json"))
+        artifact = ModelArtifact.from_json({**record["artifact"], "path": str(step_dir / record["relative"])})
+        self.notify(f"{step_dir.name}: reused from the step cache")
+        return artifact, record["pass"], record["wall_s"]
 
     # -- measurement -------------------------------------------------------
     def _measure(self, artifact: ModelArtifact, splits: Splits, step_dir: Path) -> dict[str, Any]:
@@ -239,13 +287,12 @@ class Pipeline:
             threads=self.profile.threads,
         )
 
-    def _common_key(self) -> dict[str, Any]:
-        return {
-            "profile": self.profile.model_dump(mode="json"),
-            "dataset": self.recipe.dataset.model_dump(mode="json"),
-            "seed": self.recipe.seed,
-            "runner": [self.runner, self.device],
-        }
+    def _data_key(self) -> dict[str, Any]:
+        return {"dataset": self.recipe.dataset.model_dump(mode="json"), "seed": self.recipe.seed}
+
+    def _measure_key(self) -> dict[str, Any]:
+        return {"profile": self.profile.model_dump(mode="json"), "runner": [self.runner, self.device],
+                "timing": vars(self.timing)}
 
 
 def budgets_for(recipe: Recipe, profile: Profile) -> Budgets:
@@ -266,6 +313,11 @@ def verdict(steps: list[StepResult], budgets: Budgets) -> dict[str, dict[str, An
         for name, limit in budgets.model_dump().items()
         if limit is not None
     }
+
+
+def _read_manifest(step_dir: Path) -> dict[str, Any] | None:
+    path = step_dir / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _hash(data: Any) -> str:

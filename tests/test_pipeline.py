@@ -77,3 +77,15 @@ def test_budget_verdict(first_run, root):
     assert checks["max_model_size_mb"]["ok"]
     strict = budgets.model_copy(update={"max_latency_ms": 1e-6})
     assert not verdict(steps, strict)["max_latency_ms"]["ok"]
+
+
+def test_other_profile_reuses_profile_independent_steps(first_run, root):
+    out, steps = first_run
+    other = Pipeline(load_recipe(root / "targets" / "digits-mlp.yaml"), load_profile("jetson-orin-nano"),
+                     out.parent / "other-profile", timing=FAST)
+    other_steps = other.run()
+    # original, lowrank and finetune come from the shared step cache; export depends on the profile
+    assert [s.cached for s in other_steps] == [True, True, True, False]
+    assert other_steps[2].metrics["accuracy"] == steps[2].metrics["accuracy"]
+    # but every step is measured again, with this profile's thread count
+    assert all(s.metrics["profile"]["threads"] == 6 for s in other_steps)

@@ -45,6 +45,9 @@ class PassContext:
 class Pass(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
+    # False for passes whose output does not depend on the hardware profile: their
+    # results are then shared between profiles by the step cache.
+    uses_profile: ClassVar[bool] = True
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

@@ -21,6 +21,7 @@ class FinetuneConfig(PassConfig):
 
 @register_pass
 class FinetunePass(Pass):
+    uses_profile = False
     name = "finetune"
     Config = FinetuneConfig
     config: FinetuneConfig
