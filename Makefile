@@ -27,3 +27,6 @@ lint:
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Device deployment: make deploy|profile DEVICE=name RUN=runs/..., make profile-all RUN=runs/...
+include devices/deploy.mk

@@ -204,10 +204,17 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
 @cli.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def report_cmd(run_dir: Path) -> None:
-    """Show the report of RUN_DIR (written by `edgeopt optimize`)."""
-    from edgeopt.report import load_report
+    """Show the report of RUN_DIR and rewrite its report.html, with device results from
+    `edgeopt devices profile` (RUN_DIR/profile/*.json) when there are any."""
+    import json
 
-    print_report(load_report(run_dir))
+    from edgeopt.report import load_report
+    from edgeopt.report_html import write_html
+
+    report = load_report(run_dir)
+    print_report(report)
+    devices = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "profile").glob("*.json")) if p.stem != "all"}
+    console.print(f"wrote {write_html(run_dir, report, devices)}")
 
 
 # -- regress ------------------------------------------------------------------

@@ -83,6 +83,17 @@ def to_html(report: dict[str, Any], devices: dict[str, dict[str, Any]] | None = 
         f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
         for title, data in plots(report, devices).items()
     )
+    device_rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{esc(r.get('runtime', ''))}</td><td>{r['latency_ms']['p50']:.3f}</td>"
+        f"<td>{r['latency_ms']['p90']:.3f}</td><td>{100 * r['accuracy']['top1']:.2f}</td><td>{r['peak_rss_mb']:.0f}</td></tr>"
+        for name, r in (devices or {}).items()
+    )
+    device_table = (
+        "<h2>Final artifact on devices</h2><table><tr><th>device</th><th>runtime</th><th>p50 ms</th>"
+        f"<th>p90 ms</th><th>top-1 %</th><th>peak MB</th></tr>{device_rows}</table>"
+        if device_rows
+        else ""
+    )
     verdict = "PASSED" if report["passed"] else "FAILED"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>edgeopt: {esc(report['recipe'])} on {esc(report['profile'])}</title>
@@ -92,6 +103,7 @@ th{{background:#f3f3f3}}td:first-child{{text-align:left}}img{{max-width:100%}}</
 <body><h1>{esc(report['recipe'])} on {esc(report['profile'])}: {verdict}</h1>
 <table><tr>{head}</tr>{body}</table>
 <h2>Budgets</h2><table><tr><th>budget</th><th>measured</th><th>limit</th><th>verdict</th></tr>{budgets}</table>
+{device_table}
 {figures}
 </body></html>
 """

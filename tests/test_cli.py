@@ -34,8 +34,13 @@ def test_optimize_end_to_end(cli_runner, root, tmp_path):
     assert "| 03-export |" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "03-export" in page
+    on_host = cli_runner.invoke(cli, ["devices", "profile", "host", str(out), *FAST])
+    assert on_host.exit_code == 0, on_host.output
     shown = cli_runner.invoke(cli, ["report", str(out)])
     assert shown.exit_code == 0 and "03-export" in shown.output
+    assert "report.html" in shown.output
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<td>host</td>" in page
     profiled = cli_runner.invoke(cli, ["profile", str(out / "bundle"), "--json", *FAST])
     assert profiled.exit_code == 0, profiled.output
     assert json.loads(profiled.output)["accuracy"]["top1"] == pytest.approx(report["steps"][-1]["accuracy"])
