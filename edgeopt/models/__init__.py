@@ -116,4 +116,4 @@ def _load_builtins() -> None:
 
 
 # Each built-in model family lives in its own module and registers on import.
-_BUILTIN_MODULES = ["edgeopt.models.mlp"]
+_BUILTIN_MODULES = ["edgeopt.models.mlp", "edgeopt.models.vmamba", "edgeopt.models.moe"]

@@ -1,0 +1,44 @@
+"""HOBBIT vs offloading baselines on the committed MoE LM, experts read cold from disk.
+
+    .venv/bin/python benchmarks/bench_moe_offload.py [--budget-fraction 0.25] [--prompts 8]
+
+Packs targets/checkpoints/moe-lm.safetensors into a fresh store (fp16 + int4 + int2),
+then runs every policy with the same budget, prompts and cold reads, printing one table:
+decode tokens/s and its ratio to on-demand fp16 + LRU, perplexity relative to fully
+resident, plus the acceptance verdict (>= 3x the LRU baseline, perplexity within 2%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from edgeopt.moe.bench import BASELINE, REFERENCE, format_table, plot, run_bench
+from edgeopt.moe.offload import pack
+from edgeopt.moe.train import DEFAULT_CHECKPOINT
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--budget-fraction", type=float, default=0.25)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--plot", type=Path, default=Path("runs/moe-bench.png"))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = pack(args.checkpoint, Path(tmp) / "store")
+        results, info = run_bench(store, None, args.budget_fraction, args.prompts, args.prompt_len, args.decode_tokens)
+    print(format_table(results, info))
+    by = {r.policy: r for r in results}
+    speedup = by["hobbit"].tokens_per_s / by[BASELINE].tokens_per_s
+    ppl = by["hobbit"].perplexity / by[REFERENCE].perplexity - 1
+    print(f"hobbit vs {BASELINE}: {speedup:.2f}x decode tokens/s (goal >= 3x) -> {'PASS' if speedup >= 3 else 'FAIL'}")
+    print(f"hobbit perplexity vs {REFERENCE}: {ppl:+.2%} (goal within 2%) -> {'PASS' if abs(ppl) <= 0.02 else 'FAIL'}")
+    print(f"plot: {plot(results, args.plot)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""A Mixtral-style sparse MoE decoder LM: RoPE attention, top-k router, SwiGLU experts.
+
+The layout deliberately matches transformers' Mixtral (fused 3-D expert tensors
+`gate_up_proj` (E, 2·d_ff, d) and `down_proj` (E, d, d_ff), a bias-free router,
+top-k softmax renormalised) so the offloading runtime treats both the same way:
+it swaps each block's `experts` module for one that fetches weights on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeopt.models import register_model
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_experts: int = 8
+    top_k: int = 2
+    d_ff: int = 512
+    max_seq: int = 1024
+    rope_theta: float = 10000.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert: down(silu(gate(x)) * up(x)); gate and up are stacked rows of `gate_up`."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+class Experts(nn.Module):
+    """All experts of one layer as fused tensors; called as experts(x, top_k_index, top_k_weights)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(cfg.n_experts, 2 * cfg.d_ff, cfg.d_model) * cfg.d_model**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(cfg.n_experts, cfg.d_model, cfg.d_ff) * cfg.d_ff**-0.5)
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == e)
+            y = swiglu_expert(x[token], self.gate_up_proj[e], self.down_proj[e])
+            out.index_add_(0, token, y * top_k_weights[token, slot, None].to(y.dtype))
+        return out
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg)
+        self.last_router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits = self.gate(flat)
+        probs = logits.float().softmax(-1)
+        weights, index = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        self.last_router_logits = logits
+        return self.experts(flat, index, weights).reshape(shape)
+
+
+@lru_cache(maxsize=8)
+def _rope_table(theta: float, half: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = theta ** (-torch.arange(half, dtype=torch.float32) / half)
+    ang = torch.arange(length, dtype=torch.float32)[:, None] * freqs[None]
+    return ang.cos(), ang.sin()
+
+
+def _rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) for x (B, H, T, Dh) at positions start .. start+T-1."""
+    half, t = x.shape[-1] // 2, x.shape[2]
+    length = 1 << max(10, (start + t - 1).bit_length())  # tables grow in powers of two, then stay cached
+    cos, sin = (m[start : start + t].to(x.device, x.dtype) for m in _rope_table(theta, half, length))
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.theta = cfg.rope_theta
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, start: int, cache: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = _rope(q, start, self.theta), _rope(k, start, self.theta)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        # Causal within the new chunk; every cached position is visible.
+        mask = None
+        if t > 1:
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, t, d)), (k, v)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.moe_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.moe = MoEBlock(cfg)
+
+    def forward(self, x: torch.Tensor, start: int, cache):
+        a, kv = self.attn(self.attn_norm(x), start, cache)
+        x = x + a
+        return x + self.moe(self.moe_norm(x)), kv
+
+
+class MoELM(nn.Module):
+    """Byte-level causal LM; `forward(ids, cache)` returns (logits, new cache) for incremental decoding."""
+
+    def __init__(self, cfg: MoEConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or MoEConfig()
+        self.embed = nn.Embedding(self.cfg.vocab_size, self.cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(self.cfg) for _ in range(self.cfg.n_layers))
+        self.norm = nn.RMSNorm(self.cfg.d_model, eps=1e-6)
+        self.lm_head = nn.Linear(self.cfg.d_model, self.cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.moe for layer in self.layers]
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        start = 0 if not cache else cache[0][0].shape[2]
+        x = self.embed(ids)
+        new_cache: KVCache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, start, cache[i] if cache else None)
+            new_cache.append(kv)
+        return self.lm_head(self.norm(x)), new_cache
+
+
+@register_model("moe-lm")
+def moe_lm(**kwargs) -> MoELM:
+    return MoELM(MoEConfig(**kwargs))

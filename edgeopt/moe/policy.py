@@ -1,0 +1,169 @@
+"""Offloading policies: what precision to load, what to prefetch, what to evict.
+
+A `PolicyConfig` is data; the engine (`runtime.Engine`) runs every policy with the same
+code, so baselines and HOBBIT differ only in these fields:
+
+- token-level dynamic loading: `t1`, `t2` (s(e) = sum of normalized gate weights
+  ranked above e; s <= t1 → high precision, t1 < s <= t2 → low, s > t2 → skip);
+- layer-level prefetch: `prefetch_layers` (p);
+- sequence-level replacement: `replacement` + `weights` (w_lru, w_lfu, w_lhu, w_fld).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+from edgeopt.errors import unknown_name
+
+HIGH, LOW, SKIP = 2, 1, 0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str
+    t1: float = 1.0
+    t2: float = 1.0
+    force_low: bool = False
+    prefetch_layers: int = 0
+    high_fraction: float = 1.0
+    replacement: str = "lru"  # lru | hobbit | static
+    weights: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 0.0)
+    resident: bool = False
+    low_precision: str = "int4"
+    high_precision: str = "fp16"
+
+    def decide(self, s: float) -> int:
+        """HIGH / LOW / SKIP for an expert whose higher-ranked experts carry weight `s`."""
+        if self.force_low:
+            return LOW
+        if s <= self.t1:
+            return HIGH
+        return LOW if s <= self.t2 else SKIP
+
+
+POLICIES: dict[str, PolicyConfig] = {
+    p.name: p
+    for p in [
+        PolicyConfig("resident", resident=True),
+        PolicyConfig("lru-fp16"),
+        PolicyConfig("all-low", force_low=True, high_fraction=0.0),
+        PolicyConfig("static-hot", replacement="static"),
+        PolicyConfig(
+            "hobbit", t1=0.6, t2=0.9, prefetch_layers=1, high_fraction=0.25,
+            replacement="hobbit", weights=(1.0, 0.5, 0.5, 0.5),
+        ),
+        # Ablation: HOBBIT without layer-level prefetch (isolates what prefetch buys on this host).
+        PolicyConfig(
+            "hobbit-noprefetch", t1=0.6, t2=0.9, prefetch_layers=0, high_fraction=0.25,
+            replacement="hobbit", weights=(1.0, 0.5, 0.5, 0.5),
+        ),
+    ]
+}
+
+
+def get_policy(name: str, **overrides) -> PolicyConfig:
+    if name not in POLICIES:
+        raise unknown_name("policy", name, POLICIES)
+    return replace(POLICIES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class Records:
+    """Per-sequence usage records behind the replacement priorities (reset per sequence)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.n_layers = n_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self.clock = 0
+        self.current_layer = 0
+        self.last: dict[tuple[int, int], int] = defaultdict(int)
+        self.freq: dict[tuple[int, int], int] = defaultdict(int)
+        self.high_uses: dict[tuple[int, int], int] = defaultdict(int)
+
+    def access(self, key: tuple[int, int], high: bool) -> None:
+        self.clock += 1
+        self.last[key] = self.clock
+        self.freq[key] += 1
+        if high:
+            self.high_uses[key] += 1
+
+
+class Replacement:
+    """Eviction priority (lowest evicted first) for one policy."""
+
+    def __init__(self, policy: PolicyConfig, records: Records, static_rank: dict | None = None) -> None:
+        self.policy = policy
+        self.records = records
+        self.static_rank = static_rank or {}
+
+    def __call__(self, key: tuple[int, int], high_pool: bool) -> float:
+        r = self.records
+        if self.policy.replacement == "lru":
+            return float(r.last.get(key, 0))
+        if self.policy.replacement == "static":
+            return float(self.static_rank.get(key, 0))
+        w_lru, w_lfu, w_lhu, w_fld = self.policy.weights
+        t = max(r.clock, 1)
+        # Forward layer distance: the layer that runs next scores 1, the one just run 1/n.
+        distance = (key[0] - r.current_layer - 1) % r.n_layers
+        return (
+            w_lru * r.last.get(key, 0) / t
+            + w_lfu * r.freq.get(key, 0) / t
+            + w_lhu * r.high_uses.get(key, 0) / t
+            + w_fld * (1 - distance / r.n_layers)
+        )
+
+
+Trace = list[list[list[list[tuple[int, float]]]]]  # sequence → token → layer → [(expert, weight)] by rank
+
+
+def miss_penalty(policy: PolicyConfig, trace: Trace, high_bytes: int, low_bytes: int, budget: int) -> float:
+    """Replay routing traces through the cache; a miss costs bytes(precision)/bytes(high)."""
+    from edgeopt.moe.cache import ExpertCache
+    from edgeopt.moe.store import LoadedExpert
+
+    n_layers = len(trace[0][0])
+    records = Records(n_layers)
+    cache = ExpertCache(int(budget * policy.high_fraction), budget - int(budget * policy.high_fraction),
+                        Replacement(policy, records))
+    sizes = {HIGH: high_bytes, LOW: low_bytes}
+    penalty = 0.0
+    for sequence in trace:
+        records.reset()
+        for token in sequence:
+            for layer, ranked in enumerate(token):
+                records.current_layer = layer
+                s = 0.0
+                for expert, weight in ranked:
+                    need = policy.decide(s)
+                    s += weight
+                    key = (layer, expert)
+                    entry = cache.get(key, allow_low=True)
+                    if entry is None:
+                        if need == SKIP:
+                            continue
+                        penalty += sizes[need] / high_bytes
+                        prec = policy.high_precision if need == HIGH else policy.low_precision
+                        entry = LoadedExpert(prec, None, None, sizes[need])  # type: ignore[arg-type]
+                        cache.put(key, entry)
+                    records.access(key, entry.precision == policy.high_precision)
+    return penalty
+
+
+def tune_weights(
+    policy: PolicyConfig, trace: Trace, high_bytes: int, low_bytes: int, budget: int,
+    grid: tuple[float, ...] = (0.0, 0.5, 1.0),
+) -> tuple[PolicyConfig, float]:
+    """Grid-search (w_lru, w_lfu, w_lhu, w_fld) minimizing the replayed miss penalty."""
+    best, best_penalty = policy, float("inf")
+    for weights in itertools.product(grid, repeat=4):
+        if not any(weights):
+            continue
+        candidate = replace(policy, weights=weights)
+        penalty = miss_penalty(candidate, trace, high_bytes, low_bytes, budget)
+        if penalty < best_penalty:
+            best, best_penalty = candidate, penalty
+    return best, best_penalty

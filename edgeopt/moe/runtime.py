@@ -1,0 +1,303 @@
+"""The offloading engine: each MoE block's `experts` module becomes a view onto the store.
+
+`OffloadedExperts(x, top_k_index, top_k_weights)` keeps the call signature of
+transformers' fused experts and of `edgeopt.models.moe.Experts`, so the router (and
+everything else) stays the model's own code. Per call the engine:
+
+1. ranks each token's top-k experts, computes s(e) and the needed precision;
+2. serves hits from the cache, sends misses to the loader thread (demand first).
+   An expert cached (or already being read) at either precision is a hit: the
+   thresholds choose what to *load* on a miss, as in HOBBIT's token-level loading;
+3. predicts the next layers' experts from the current gate input (one stacked
+   matmul), pins them and prefetches them in mixed precision;
+4. computes the experts that are ready while the others are still being read;
+5. caches what it loaded under the policy's replacement priority.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgeopt.moe.cache import ExpertCache, Key
+from edgeopt.moe.loader import DEMAND, PREFETCH, Loader
+from edgeopt.moe.policy import HIGH, SKIP, PolicyConfig, Records, Replacement
+from edgeopt.moe.store import ExpertStore, LoadedExpert
+
+
+@dataclass
+class Stats:
+    hits: int = 0
+    misses: int = 0
+    skipped: int = 0
+    high_uses: int = 0
+    low_uses: int = 0
+    stall_s: float = 0.0
+    demand_loads: int = 0
+    prefetch_loads: int = 0
+    predicted: int = 0
+    predicted_right: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.hits + self.misses, 1)
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        return self.predicted_right / max(self.predicted, 1)
+
+
+class Engine:
+    """Runs the experts of every MoE layer out of an `ExpertStore` under one policy and byte budget."""
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        policy: PolicyConfig,
+        budget_bytes: int | None,
+        gate_weights: list[torch.Tensor],
+        hot_counts: dict[Key, int] | None = None,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.n_layers = store.n_layers
+        self.high = policy.high_precision
+        self.low = policy.low_precision
+        for precision in (self.high, self.low):
+            if precision not in store.precisions:
+                raise ValueError(f"store has no {precision} records (has {store.precisions})")
+        if policy.resident or budget_bytes is None:
+            budget_bytes = store.total_bytes(self.high)
+        self.budget = int(budget_bytes)
+        high_bytes = int(self.budget * policy.high_fraction)
+        self.records = Records(self.n_layers)
+        static_rank = {k: float(v) for k, v in (hot_counts or {}).items()}
+        self.cache = ExpertCache(high_bytes, self.budget - high_bytes, Replacement(policy, self.records, static_rank))
+        gates = [g.detach().float() for g in gate_weights]
+        # Per layer, the next p layers' router weights stacked: prediction is one matmul.
+        self.stacked_gates = [torch.cat(gates[i + 1 : i + 1 + policy.prefetch_layers] or [gates[i][:0]])
+                              for i in range(len(gates))]
+        self.top_k = 0
+        self.loader = Loader(self.store.read)
+        self.inflight: dict[tuple[int, int, str], Future] = {}
+        self.prefetched: set[tuple[int, int, str]] = set()
+        self.predictions: dict[int, set[int]] = {}
+        self.stats = Stats()
+        self.tracer = None  # optional callable(layer, ranked experts, ranked weights) for calibration
+        if policy.resident:
+            self._preload([(layer, e) for layer in range(self.n_layers) for e in range(store.n_experts)], pin=False)
+        elif policy.replacement == "static":
+            hot = sorted(static_rank, key=lambda k: -static_rank[k])
+            self._preload(hot, pin=True)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _preload(self, keys: list[Key], pin: bool) -> None:
+        """Fill the high pool before decoding starts (resident / static placement); not timed."""
+        for key in keys:
+            entry = self.store.read(key[0], key[1], self.high)
+            if not self.cache.put(key, entry):
+                break
+            if pin:
+                self.cache.pinned.add(key)
+
+    def reset_sequence(self) -> None:
+        self._drain()
+        self.records.reset()
+        self.predictions.clear()
+        if self.policy.replacement != "static":
+            self.cache.pinned.clear()
+
+    def close(self) -> None:
+        self._drain()
+        self.loader.close()
+
+    def quiesce(self) -> None:
+        """Stop background reads: cancel queued prefetches, wait for the one in progress."""
+        self._drain()
+
+    def _drain(self) -> None:
+        """Cancel queued prefetches and wait for the read in progress (a new sequence starts clean)."""
+        for key, fut in list(self.inflight.items()):
+            if key in self.prefetched and fut.cancel():
+                del self.inflight[key]
+                self.prefetched.discard(key)
+        for fut in list(self.inflight.values()):
+            fut.exception()
+        self._harvest()
+
+    # -- loading -------------------------------------------------------------------------------
+    def _submit(self, layer: int, expert: int, precision: str, prefetch: bool) -> Future:
+        key = (layer, expert, precision)
+        fut = self.inflight.get(key)
+        if fut is None:
+            fut = self.loader.submit(PREFETCH if prefetch else DEMAND, layer, expert, precision)
+            self.inflight[key] = fut
+            if prefetch:
+                self.stats.prefetch_loads += 1
+                self.prefetched.add(key)
+            else:
+                self.stats.demand_loads += 1
+        return fut
+
+    def _harvest(self) -> None:
+        """Move finished prefetches into the cache (main thread only: the cache is not shared)."""
+        for key in [k for k, f in self.inflight.items() if f.done()]:
+            fut = self.inflight.pop(key)
+            if key in self.prefetched:
+                self.prefetched.discard(key)
+                if fut.cancelled():
+                    continue
+                if fut.exception() is None:
+                    self.cache.put(key[:2], fut.result())
+                else:
+                    fut.result()  # re-raise the loader's error (e.g. a corrupted record) here
+
+    def _pending(self, layer: int, expert: int) -> Future | None:
+        """A read already queued or running for this expert, at either precision (moved to the front)."""
+        for precision in (self.high, self.low):
+            fut = self.inflight.get((layer, expert, precision))
+            if fut is not None:
+                self.loader.promote(fut, layer, expert, precision)
+                return fut
+        return None
+
+    def _cancel_stale(self, layer: int, needed: set[int]) -> None:
+        """Drop queued prefetches the routing proved wrong, before they use device bandwidth."""
+        for key in [k for k in self.prefetched if k[0] < layer or (k[0] == layer and k[1] not in needed)]:
+            if self.inflight[key].cancel():
+                del self.inflight[key]
+                self.prefetched.discard(key)
+
+    def _queued(self, layer: int, expert: int) -> bool:
+        return (layer, expert, self.high) in self.inflight or (layer, expert, self.low) in self.inflight
+
+    # -- prefetch -------------------------------------------------------------------------------
+    def _prefetch(self, layer: int, x: torch.Tensor) -> None:
+        """Predict the next layers' experts from this layer's gate input; pin and prefetch them."""
+        p = min(self.policy.prefetch_layers, self.n_layers - 1 - layer)
+        if p <= 0:
+            return
+        stacked = self.stacked_gates[layer]  # (p·E, H): one matmul for p layers
+        probs = (x[-1:].float() @ stacked.T).view(p, -1).softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        for d in range(p):
+            target = layer + 1 + d
+            self._unpin(target)  # a newer prediction for this layer replaces the older one
+            missing = False
+            s = 0.0
+            chosen = set()
+            for e, w in zip(experts[d].tolist(), weights[d].tolist(), strict=False):
+                need = self.policy.decide(s)
+                s += w
+                if need == SKIP:
+                    continue
+                chosen.add(e)
+                key = (target, e)
+                self.cache.pinned.add(key)
+                if self.cache.get(key, allow_low=True) is None and not self._queued(target, e):
+                    self._submit(target, e, self.high if need == HIGH else self.low, prefetch=True)
+                    missing = True
+            self.predictions[target] = chosen
+            if missing:
+                break
+
+    # -- the experts call -------------------------------------------------------------------------
+    def run_experts(
+        self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        self.top_k = top_k_index.shape[-1]
+        self._harvest()
+        self.records.current_layer = layer
+        w = top_k_weights.float()
+        norm = w / w.sum(-1, keepdim=True)
+        ranked_w, order = norm.sort(-1, descending=True)
+        ranked_e = top_k_index.gather(-1, order)
+        above = (ranked_w.cumsum(-1) - ranked_w).tolist()
+        if self.tracer is not None:
+            self.tracer(layer, ranked_e, ranked_w)
+        need: dict[int, int] = {}
+        users: dict[int, list[tuple[int, int]]] = defaultdict(list)  # expert → [(token, slot)]
+        for t, (es, ss, slots) in enumerate(zip(ranked_e.tolist(), above, order.tolist(), strict=False)):
+            for e, s, slot in zip(es, ss, slots, strict=False):
+                decision = self.policy.decide(s)
+                need[e] = max(need.get(e, SKIP), decision)
+                users[e].append((t, slot))
+        self._score_prediction(layer, need)
+
+        ready: dict[int, LoadedExpert] = {}
+        waiting: dict[int, Future] = {}
+        for e, n in need.items():
+            entry = self.cache.get((layer, e), allow_low=True)
+            if entry is not None:
+                ready[e] = entry
+                self.stats.hits += 1
+                continue
+            fut = self._pending(layer, e)
+            if n == SKIP and fut is None:
+                self.stats.skipped += 1
+                continue
+            self.stats.misses += 1
+            waiting[e] = fut or self._submit(layer, e, self.high if n == HIGH else self.low, prefetch=False)
+        self._cancel_stale(layer, set(waiting))
+        if x.shape[0] == 1:
+            self._prefetch(layer, x)
+
+        out = torch.zeros_like(x)
+        for e, entry in ready.items():
+            self._apply(layer, e, entry, x, users[e], top_k_weights, out)
+        for e, fut in waiting.items():
+            t0 = time.perf_counter()
+            entry = fut.result()
+            self.stats.stall_s += time.perf_counter() - t0
+            key = (layer, e, entry.precision)
+            if self.inflight.get(key) is fut:
+                del self.inflight[key]
+                self.prefetched.discard(key)
+            self._apply(layer, e, entry, x, users[e], top_k_weights, out)
+            self.cache.put((layer, e), entry)
+        self._unpin(layer)
+        return out
+
+    def _unpin(self, layer: int) -> None:
+        for e in self.predictions.pop(layer, ()):
+            if self.policy.replacement != "static":
+                self.cache.pinned.discard((layer, e))
+
+    def _apply(self, layer, e, entry, x, uses, top_k_weights, out) -> None:
+        is_high = entry.precision == self.high
+        self.records.access((layer, e), is_high)
+        self.stats.high_uses += is_high
+        self.stats.low_uses += not is_high
+        if x.shape[0] == 1:  # decode: one token, no gather/scatter
+            out.add_(entry.forward(x), alpha=float(top_k_weights[0, uses[0][1]]))
+            return
+        tokens = torch.tensor([t for t, _ in uses])
+        slots = torch.tensor([s for _, s in uses])
+        y = entry.forward(x[tokens])
+        out.index_add_(0, tokens, y * top_k_weights[tokens, slots, None].to(y.dtype))
+
+    def _score_prediction(self, layer: int, need: dict[int, int]) -> None:
+        predicted = self.predictions.get(layer)
+        if predicted is None:
+            return
+        actual = {e for e, n in need.items() if n != SKIP}
+        self.stats.predicted += len(actual)
+        self.stats.predicted_right += len(actual & predicted)
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a block's `experts` module: same call, weights come from the engine."""
+
+    def __init__(self, engine: Engine, layer: int) -> None:
+        super().__init__()
+        self.engine = engine
+        self.layer = layer
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.engine.run_experts(self.layer, hidden_states, top_k_index, top_k_weights)

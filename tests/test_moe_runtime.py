@@ -1,0 +1,132 @@
+"""Offloading engine: exactness, the T1/T2 precision split, prefetch, and the byte budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from edgeopt.models.moe import MoEConfig, MoELM, swiglu_expert
+from edgeopt.moe.cache import ExpertCache
+from edgeopt.moe.offload import OffloadedLM, pack
+from edgeopt.moe.store import LoadedExpert
+
+CFG = MoEConfig(d_model=64, n_layers=3, n_heads=4, n_experts=4, d_ff=128)
+
+
+@pytest.fixture(scope="module")
+def model_and_store(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MoELM(CFG).eval()
+    with torch.no_grad():  # fp16-representable weights: the fp16 store is then exact
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    d = tmp_path_factory.mktemp("moe")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "m.safetensors"),
+              metadata={"config": json.dumps(CFG.to_dict())})
+    return model, pack(d / "m.safetensors", d / "store", ("fp16", "int4"))
+
+
+def decode_logits(lm, ids, prefill=5):
+    logits, state = lm(ids[:, :prefill])
+    out = [logits]
+    for i in range(prefill, ids.shape[1]):
+        logits, state = lm(ids[:, i : i + 1], state)
+        out.append(logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("policy,fraction", [("hobbit", 1.0), ("hobbit", 0.3), ("lru-fp16", 0.25)])
+def test_all_high_precision_equals_plain_model(model_and_store, policy, fraction):
+    model, store = model_and_store
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, _ = model(ids)
+    lm = OffloadedLM(store, policy, budget_fraction=fraction, t1=1.0, t2=1.0)
+    got = decode_logits(lm, ids)
+    stats = lm.engine.stats
+    lm.close()
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    assert stats.low_uses == 0 and stats.skipped == 0
+    if fraction < 1:
+        assert stats.misses > 0  # experts really came from the store
+
+
+@pytest.mark.parametrize(
+    "weights,expected",  # (high, low, skipped) uses for top-2 with T1 = 0.6, T2 = 0.9
+    [((0.55, 0.45), (2, 0, 0)), ((0.3, 0.7), (1, 1, 0)), ((0.95, 0.05), (1, 0, 1)), ((0.5, 0.5), (2, 0, 0)), ((0.85, 0.15), (1, 1, 0))],
+)
+def test_precision_split_follows_thresholds(model_and_store, weights, expected):
+    model, store = model_and_store
+    lm = OffloadedLM(store, "hobbit", budget_fraction=0.5, prefetch_layers=0)
+    x = torch.randn(1, CFG.d_model)
+    index, w = torch.tensor([[1, 3]]), torch.tensor([weights])
+    out = lm.engine.run_experts(0, x, index, w)
+    stats = lm.engine.stats
+    assert (stats.high_uses, stats.low_uses, stats.skipped) == expected
+    experts = model.layers[0].moe.experts
+    top = int(index[0, w[0].argmax()])
+    want = swiglu_expert(x, experts.gate_up_proj[top], experts.down_proj[top]) * w[0].max()
+    if expected[2]:  # the skipped expert contributes nothing
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    elif expected[1]:  # the low-precision one is close, not exact
+        full = sum(swiglu_expert(x, experts.gate_up_proj[e], experts.down_proj[e]) * w[0, i] for i, e in enumerate([1, 3]))
+        assert 0 < (out - full).norm() / full.norm() < 0.2
+        assert lm.engine.cache.contains((0, top), "fp16") and lm.engine.cache.contains((0, 4 - top), "int4")
+    lm.close()
+
+
+def test_prefetch_predicts_from_stacked_gates(model_and_store):
+    model, store = model_and_store
+    lm = OffloadedLM(store, "hobbit", budget_fraction=0.5, prefetch_layers=2)
+    engine = lm.engine
+    x = torch.randn(1, CFG.d_model)
+    engine.run_experts(0, x, torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))
+    for layer in (1, 2):
+        if layer not in engine.predictions:
+            continue
+        expect = set((x @ model.layers[layer].moe.gate.weight.T).topk(2).indices[0].tolist())
+        assert engine.predictions[layer] <= expect
+        assert all((layer, e) in engine.cache.pinned for e in engine.predictions[layer])
+    assert engine.predictions, "nothing predicted"
+    engine.run_experts(1, x, torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))
+    assert engine.stats.predicted == 2
+    assert not any(k[0] == 1 for k in engine.cache.pinned)  # pins end when the layer has run
+    lm.close()
+
+
+@pytest.mark.parametrize("policy", ["hobbit", "lru-fp16", "all-low", "static-hot"])
+def test_cache_never_exceeds_budget(model_and_store, policy, monkeypatch):
+    _, store = model_and_store
+    seen = []
+    original = ExpertCache.put
+
+    def put(self, key, entry):
+        ok = original(self, key, entry)
+        seen.append((self.high.used, self.low.used, self.high.capacity, self.low.capacity))
+        return ok
+
+    monkeypatch.setattr(ExpertCache, "put", put)
+    hot = {(layer, e): 10 - e for layer in range(CFG.n_layers) for e in range(CFG.n_experts)}
+    lm = OffloadedLM(store, policy, budget_fraction=0.2, hot_counts=hot)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    decode_logits(lm, ids)
+    budget = lm.engine.budget
+    assert lm.engine.stats.misses > 0
+    lm.close()
+    assert seen and all(h <= hc and lo <= lc for h, lo, hc, lc in seen)
+    assert max(h + lo for h, lo, _, _ in seen) <= budget
+
+
+def test_pinned_entries_are_not_evicted():
+    cache = ExpertCache(100, 0, priority=lambda key, high: key[1])
+    entry = LoadedExpert("fp16", None, None, 40)
+    assert cache.put((0, 0), entry) and cache.put((0, 1), entry)
+    cache.pinned.add((0, 0))
+    assert cache.put((0, 2), entry)  # evicts (0, 1), the lowest unpinned priority
+    assert set(cache.high.entries) == {(0, 0), (0, 2)}
+    cache.pinned.add((0, 2))
+    assert not cache.put((0, 3), entry)  # everything pinned: not cached, budget kept
+    assert cache.used == 80
