@@ -1,0 +1,212 @@
+"""Mamba's selective scan with three backends: reference loop, chunked (CPU/export), CUDA kernel.
+
+Semantics are mamba-ssm's `selective_scan_ref`. Shapes: u, delta, z (B, D, L); A (D, N);
+B, C (B, N, L) or grouped (B, G, N, L) where channel d uses group d // (D // G); D, delta_bias (D,)::
+
+    delta = softplus(delta + delta_bias)          (softplus only if delta_softplus)
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (B, D, N)
+    y_t   = <h_t, C_t> + D * u_t,   out = y * silu(z)
+
+Why a hand-written chunked scan: the CUDA kernel cannot be traced or exported, and a plain
+per-token loop unrolls L (3,136 at 56x56) steps into the graph. The chunked backend splits L
+into NC chunks of T ~ sqrt(L) tokens and runs the recurrence for all chunks at once, so the
+graph holds O(sqrt(L)) steps: pass 1 finds each chunk's end state from a zero start, a short
+loop over chunks carries the true start state, pass 2 reruns the chunks from their true
+start states and reads out y. Every step multiplies by decays <= 1, so it is as stable as
+the loop (no exp of positive cumulative sums), and every op works on cache-sized slices.
+Cost: about 2x the loop's arithmetic and 2 x (B, D, L, N) floats of decays/inputs held
+between the passes, for ~sqrt(L) sequential steps instead of L.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from edgeopt.errors import unknown_name
+
+BACKENDS = ("reference", "chunked", "cuda")
+_VECTORIZE_MAX = 1 << 22  # elements of (B, D, L, N) up to which all steps are computed at once
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_states: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Selective scan; with `return_states` also every hidden state, (B, D, L, N) float32.
+
+    `backend=None` picks "cuda" for CUDA tensors when mamba_ssm is importable (and no states
+    are requested; the kernel does not return them), else "chunked".
+    """
+    if backend is None:
+        backend = "cuda" if (u.is_cuda and not return_states and _mamba_kernel() is not None) else "chunked"
+    if backend not in BACKENDS:
+        raise unknown_name("selective-scan backend", backend, BACKENDS)
+    if backend == "cuda":
+        if return_states:
+            raise ValueError("the CUDA kernel does not return hidden states; use backend='chunked'")
+        return _cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    dtype = u.dtype
+    u, delta, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, reference=backend == "reference")
+    scan = _reference if backend == "reference" else _chunked
+    y, states = scan(u, delta, A.float(), Bg, Cg, return_states)
+    out = _finish(y, u, D, z).to(dtype)
+    return (out, states) if return_states else out
+
+
+def _prepare(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    reference: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 inputs, delta made positive, B/C as (B, G, N, L). The oracle keeps torch's softplus."""
+    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"selective_scan: u/delta (B, D, L) and A (D, N) expected, got {u.shape}, {delta.shape}, {A.shape}")
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta) if reference else softplus(delta)
+    Bg = B.float() if B.dim() == 4 else B.float().unsqueeze(1)
+    Cg = C.float() if C.dim() == 4 else C.float().unsqueeze(1)
+    if u.shape[1] % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
+        raise ValueError(f"selective_scan: {u.shape[1]} channels do not split into groups {Bg.shape[1]}/{Cg.shape[1]}")
+    return u, delta, Bg, Cg
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x). Exported graphs get it written out: ONNX Runtime's Softplus (plus the
+    threshold Where) is ~5x slower than these elementwise ops; eager keeps torch's fused kernel."""
+    if torch.compiler.is_exporting():
+        return torch.relu(x) + torch.log1p(torch.exp(-x.abs()))
+    return F.softplus(x)
+
+
+def _finish(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
+def _reference(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, want_states: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-token loop of mamba-ssm's `selective_scan_ref`: the oracle, never exported."""
+    groups = B.shape[1]
+    Bx = B.repeat_interleave(u.shape[1] // groups, dim=1)  # (B, D, N, L)
+    Cx = C.repeat_interleave(u.shape[1] // groups, dim=1)
+    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    dBu = torch.einsum("bdl,bdnl,bdl->bdln", delta, Bx, u)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys, hs = [], []
+    for i in range(u.shape[2]):
+        h = dA[:, :, i] * h + dBu[:, :, i]
+        ys.append(torch.einsum("bdn,bdn->bd", h, Cx[:, :, :, i]))
+        if want_states:
+            hs.append(h)
+    return torch.stack(ys, dim=2), (torch.stack(hs, dim=2) if want_states else None)
+
+
+def chunk_size(length: int) -> int:
+    """Tokens per chunk: ~sqrt(L) balances the two short loops (graph size and eager speed)."""
+    return max(1, math.ceil(math.sqrt(length)))
+
+
+def _chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    want_states: bool,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Two-pass chunked recurrence (see module docstring). Shapes are static, so it traces."""
+    batch, dim, length = u.shape
+    groups, nstate = B.shape[1], A.shape[1]
+    T = chunk or chunk_size(length)
+    NC = -(-length // T)
+    pad = NC * T - length
+    if pad:  # padded steps have delta = 0: decay 1, input 0, so they change nothing before them
+        u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
+        B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
+    dg = dim // groups
+    # Layout (B, G, dg, NC, T, N): token l = chunk * T + step; every reshape below is a view,
+    # and a step is a strided slice along T (no transposing copies).
+    dt = delta.reshape(batch, groups, dg, NC, T, 1)
+    du = (delta * u).reshape(batch, groups, dg, NC, T, 1)
+    Bt = B.reshape(batch, groups, nstate, NC, T).permute(0, 1, 3, 4, 2).unsqueeze(2)  # (B, G, 1, NC, T, N)
+    Ct = C.reshape(batch, groups, nstate, NC, T).permute(0, 1, 3, 4, 2).unsqueeze(2)
+    Ag = A.reshape(groups, dg, 1, 1, nstate)
+
+    # Pass 1: every chunk from a zero state; keep each step's decay and input for pass 2.
+    # Small scans compute all steps' decays in one op (fewer ops and graph nodes); large ones
+    # step by step so each op stays in cache (one (B, D, L, N) op is memory-bound).
+    # Steps are split (not unbound) so the graph gets one Split node instead of T slices.
+    if batch * dim * NC * T * nstate <= _VECTORIZE_MAX:
+        decays = torch.exp(dt * Ag).split(1, dim=4)
+        inputs = (du * Bt).split(1, dim=4)
+    else:
+        decays = [torch.exp(d * Ag) for d in dt.split(1, dim=4)]
+        inputs = [d * b for d, b in zip(du.split(1, dim=4), Bt.split(1, dim=4), strict=True)]
+    h = torch.zeros(batch, groups, dg, NC, 1, nstate, dtype=u.dtype, device=u.device)
+    for t in range(T):
+        h = torch.addcmul(inputs[t], decays[t], h)
+    chunk_decay = torch.exp(dt.sum(4, keepdim=True) * Ag)  # (B, G, dg, NC, 1, N)
+
+    # Carry true start states across chunks (NC short steps on (B, G, dg, N)).
+    ends, totals = h.split(1, dim=3), chunk_decay.split(1, dim=3)
+    starts = [torch.zeros_like(ends[0])]
+    for c in range(NC - 1):
+        starts.append(torch.addcmul(ends[c], totals[c], starts[-1]))
+    h = torch.cat(starts, dim=3)
+
+    # Pass 2: rerun every chunk from its true start state and read out y.
+    ys, hs = [], []
+    for t, c in enumerate(Ct.split(1, dim=4)):
+        h = torch.addcmul(inputs[t], decays[t], h)
+        ys.append((h * c).squeeze(-1) if nstate == 1 else (h * c).sum(-1))
+        if want_states:
+            hs.append(h)
+    y = torch.cat(ys, dim=4).reshape(batch, dim, NC * T)[:, :, :length]
+    states = None
+    if want_states:
+        states = torch.cat(hs, dim=4).reshape(batch, dim, NC * T, nstate)[:, :, :length]
+    return y, states
+
+
+@lru_cache(maxsize=1)
+def _mamba_kernel():
+    """mamba-ssm's fused kernel (optional extra `edgeopt[cuda]`), imported only when first needed."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # not installed, or installed without its CUDA build
+        return None
+    return selective_scan_fn
+
+
+def _cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> torch.Tensor:
+    """Thin dispatch to mamba-ssm's kernel; it takes the same arguments and semantics."""
+    kernel = _mamba_kernel()
+    if kernel is None or not u.is_cuda:
+        raise ValueError("backend 'cuda' needs CUDA tensors and mamba_ssm (pip install 'edgeopt[cuda]')")
+    return kernel(u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus)
