@@ -38,7 +38,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Pa
                 )
                 program.save(str(tmp))
         except Exception as exc:
-            raise ExportError(describe_export_failure("ONNX", model, exc)) from exc
+            raise ExportError(describe_export_failure("ONNX", model, example_input, exc)) from exc
 
     return write_with(Path(path), write)
 
@@ -52,15 +52,18 @@ def _quiet():
         yield
 
 
-def describe_export_failure(fmt: str, model: nn.Module, exc: Exception) -> str:
-    """One line naming the op (and module path, when the message shows it) and a way out."""
-    text = " ".join(str(exc).split())
-    op = re.search(r"(aten::[\w.]+|aten\.[\w.]+|torch\.ops\.[\w.]+)", text)
-    module = re.search(r"(?:module|scope)[ :'\"]+([\w.]+)", text)
+def describe_export_failure(fmt: str, model: nn.Module, example_input: torch.Tensor, exc: Exception) -> str:
+    """One line naming the op and the module that holds it, and a way out."""
+    from edgeopt.quantize.op_location import with_module
+
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    op = re.search(r"((?:aten|prims)[.:][\w.]+|torch\.ops\.[\w.]+)", text)
     what = f"op {op.group(1)}" if op else "the model"
-    where = f" in module '{module.group(1)}'" if module else ""
-    first = text[:240]
-    return (
-        f"{fmt} export failed: {what}{where} is not supported ({first}); "
-        f"try another format, or keep that module in float / rewrite it"
+    message = (
+        f"{fmt} export failed: {what} is not supported ({text[:240]}); "
+        "try another format, or keep that module in float / rewrite it"
     )
+    return with_module(message, model, example_input)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -33,7 +33,7 @@ def export_tflite(model: nn.Module, example_input: torch.Tensor, path: Path) -> 
             with _quiet():
                 litert_torch.convert(model, (sample,)).export(str(tmp))
         except Exception as exc:
-            raise ExportError(describe_export_failure("TFLite", model, exc)) from exc
+            raise ExportError(describe_export_failure("TFLite", model, sample, exc)) from exc
 
     return write_with(Path(path), write)
 

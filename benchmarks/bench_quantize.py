@@ -1,0 +1,156 @@
+"""Quantized exports side by side with their fp32 export, in the same runtime and thread count.
+
+    python benchmarks/bench_quantize.py [--model digits-vmamba --checkpoint targets/checkpoints/digits-vmamba.safetensors --size 32]
+
+Without the checkpoint it falls back to a small conv net trained here on 8x8 digits (seconds).
+Prints, per format/precision: file size and ratio vs that format's fp32 file, eval top-1 and
+drop vs PyTorch fp32, cosine vs PyTorch, batch-1 latency (median of --runs after warm-up) and
+speed ratio vs the fp32 file — all measured in one run on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeopt.data import load_dataset
+from edgeopt.evaluate import parity, run_onnx, run_tflite, size_mb, torch_outputs
+from edgeopt.exporters import export
+from edgeopt.models import build_model
+from edgeopt.passes.quantize import quantize_file
+from edgeopt.quantize import quantizable_layers
+from edgeopt.quantize.sensitivity import accuracy, select_float_layers
+
+VARIANTS = {"onnx": ["fp32", "static", "dynamic", "fp16"], "tflite": ["fp32", "static", "dynamic"]}
+
+
+def small_cnn(splits, epochs: int = 6) -> nn.Module:
+    """Fallback subject: conv features + a weight-dominated MLP head, trained on the train split."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 16, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(epochs):
+        for x, y in splits.train.batches(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+def latency_ms(fmt: str, path: Path, sample: np.ndarray, threads: int, runs: int) -> float:
+    """Median batch-1 latency of one invoke, after warm-up."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: sample}
+
+        def call() -> None:
+            session.run(None, feed)
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
+        index = interpreter.get_input_details()[0]["index"]
+
+        def call() -> None:
+            interpreter.set_tensor(index, sample)
+            interpreter.invoke()
+
+    for _ in range(max(10, runs // 10)):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def mixed_precision(fmt, model, fp32, calib, x, y, float_top1, budget, work: Path) -> Path:
+    """int8 static with the most sensitive layers kept in float until the top-1 budget holds."""
+    run = run_onnx if fmt == "onnx" else run_tflite
+    trial = iter(range(10**6))
+
+    def build(only, keep):
+        return quantize_file(fmt, "static", fp32, calib, work / f"mixed{next(trial)}.{fmt}", True, keep, only)
+
+    reference = torch_outputs(model, calib)
+    result = select_float_layers(quantizable_layers(model), build, run, calib, reference, x, y, float_top1, budget)
+    ranked = sorted(result.sensitivity.items(), key=lambda kv: -kv[1])[:3]
+    print(
+        f"  {fmt} mixed (budget {budget} pt): kept in float {result.keep_float or 'none'}; "
+        f"most sensitive (output NSR, one layer int8): " + ", ".join(f"{k} {v:.2e}" for k, v in ranked)
+    )
+    return result.path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="digits-vmamba")
+    parser.add_argument("--checkpoint", type=Path, default=Path("targets/checkpoints/digits-vmamba.safetensors"))
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--formats", nargs="+", default=["onnx", "tflite"], choices=list(VARIANTS))
+    parser.add_argument("--mixed-budget", type=float, default=1.0, help="top-1 points for the int8 mixed row; <0: skip")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    if args.checkpoint.is_file():
+        splits = load_dataset("digits", size=args.size)
+        model, name = build_model(args.model, checkpoint=args.checkpoint), f"{args.model} ({args.checkpoint})"
+    else:
+        splits = load_dataset("digits", size=8)
+        model, name = small_cnn(splits), f"small CNN on 8x8 digits ({args.checkpoint} absent)"
+    x, y = splits.eval.x.numpy(), splits.eval.y.numpy()
+    calib = splits.calib.x[: args.calibration_samples].numpy()
+    reference = torch_outputs(model, x)
+    float_top1 = accuracy(reference, y)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {name}, {params / 1e3:.1f} k params; eval {len(y)} samples; PyTorch fp32 top-1 {float_top1:.2f}")
+    print(f"latency: batch 1, {args.threads} thread(s), median of {args.runs} after warm-up, same runtime per block")
+    header = f"{'format/precision':<21}{'size MB':>9}{'size x':>8}{'top-1':>8}{'drop':>7}{'cosine':>9}{'ms':>9}{'speed x':>9}"
+    print(header)
+    print("-" * len(header))
+    sample = x[:1]
+    with tempfile.TemporaryDirectory() as work:
+        for fmt in args.formats:
+            run = run_onnx if fmt == "onnx" else run_tflite
+            fp32 = export(fmt, model, torch.as_tensor(x[:2]), Path(work) / f"fp32.{fmt}")
+            base_ms = base_mb = None
+            variants = VARIANTS[fmt] + (["mixed"] if args.mixed_budget >= 0 else [])
+            for mode in variants:
+                if mode == "mixed":
+                    path = mixed_precision(fmt, model, fp32, calib, x, y, float_top1, args.mixed_budget, Path(work))
+                elif mode == "fp32":
+                    path = fp32
+                else:
+                    path = quantize_file(fmt, mode, fp32, calib, Path(work) / f"{mode}.{fmt}")
+                out = run(path, x)
+                top1, mb = accuracy(out, y), size_mb(path)
+                ms = latency_ms(fmt, path, sample, args.threads, args.runs)
+                base_ms, base_mb = base_ms or ms, base_mb or mb
+                label = f"{fmt} {'int8 ' + mode if mode in ('static', 'dynamic', 'mixed') else mode}"
+                print(
+                    f"{label:<21}{mb:>9.3f}{base_mb / mb:>8.2f}{top1:>8.2f}{float_top1 - top1:>7.2f}"
+                    f"{parity(reference, out)['cosine']:>9.5f}{ms:>9.4f}{base_ms / ms:>9.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()

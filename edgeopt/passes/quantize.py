@@ -1,0 +1,177 @@
+"""`quantize` pass: PyTorch → fp32 export → int8 / fp16 file, checked against the float model.
+
+Quantization is done by each runtime's own toolchain (onnxruntime.quantization,
+ai-edge-quantizer); this pass picks the recipe, feeds the calibration split,
+optionally keeps the most sensitive layers in float until the accuracy budget
+holds, and refuses a result whose outputs drift past the precision's parity
+thresholds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from edgeopt.artifact import TORCH, ModelArtifact
+from edgeopt.evaluate import run_onnx, run_tflite, size_mb, torch_outputs
+from edgeopt.exporters import SUFFIX, ExportError, export
+from edgeopt.passes import Pass, PassConfig, PassContext, register_pass
+from edgeopt.passes.export import host_format
+from edgeopt.quantize import onnx_quant, parity, quantizable_layers, tflite_quant
+from edgeopt.quantize.op_location import runtime_rejection, with_module
+from edgeopt.quantize.sensitivity import accuracy, select_float_layers
+
+RUNNERS = {"onnx": run_onnx, "tflite": run_tflite}
+
+
+class QuantizeConfig(PassConfig):
+    format: Literal["auto", "onnx", "tflite"] = "auto"
+    mode: Literal["static", "dynamic", "fp16"] = "static"
+    per_channel: bool = True
+    calibration_samples: int = Field(128, ge=1)
+    mixed_precision: bool = False
+    max_accuracy_drop: float | None = Field(None, ge=0, description="top-1 points; default: the profile budget")
+    keep_float: list[str] = Field(default_factory=list, description="module paths always kept in float")
+    parity_samples: int = Field(256, ge=1)
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="override the precision's parity threshold")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    max_rel_error: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _supported(self) -> QuantizeConfig:
+        if self.format == "tflite" and self.mode == "fp16":
+            raise ValueError("tflite offers int8 static or dynamic here; use format: onnx for fp16")
+        return self
+
+
+@register_pass
+class QuantizePass(Pass):
+    name = "quantize"
+    Config = QuantizeConfig
+    config: QuantizeConfig
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        cfg = self.config
+        fmt = host_format(ctx.profile) if cfg.format == "auto" else cfg.format
+        if artifact.format != TORCH:
+            raise ExportError(f"quantize needs the PyTorch model, got a {artifact.format} artifact: put it before export")
+        module = artifact.load_module()
+        layers = quantizable_layers(module)
+        unknown = sorted(set(cfg.keep_float) - {name for name, _ in module.named_modules()})
+        if unknown:
+            raise ExportError(f"quantize: keep_float names no module: {', '.join(unknown)} (layers: {', '.join(layers)})")
+        calib_x = ctx.splits.calib.x[: cfg.calibration_samples].numpy()
+        eval_x, eval_y = ctx.splits.eval.x.numpy(), ctx.splits.eval.y.numpy()
+        module_names = [name for name, _ in module.named_modules() if name]
+
+        def run(path: Path, x: np.ndarray) -> np.ndarray:
+            try:
+                return RUNNERS[fmt](path, x)
+            except Exception as exc:  # the runtime refused the quantized graph
+                raise ExportError(f"quantize {cfg.mode}: " + runtime_rejection(fmt, path, exc, module_names)) from exc
+
+        reference = torch_outputs(module, eval_x)
+        float_accuracy = accuracy(reference, eval_y)
+        out = ctx.step_dir / f"model{SUFFIX[fmt]}"
+
+        with tempfile.TemporaryDirectory() as work:
+            example = artifact.example_input(2)
+            try:
+                fp32 = export(fmt, module, example, Path(work) / f"fp32{SUFFIX[fmt]}")
+            except ExportError as exc:
+                raise ExportError(with_module(str(exc), module, example)) from exc
+            counter = iter(range(10**6))
+
+            def build(only: Sequence[str] | None, keep: Sequence[str], path: Path | None = None) -> Path:
+                target = path or Path(work) / f"trial{next(counter)}{SUFFIX[fmt]}"
+                return quantize_file(fmt, cfg.mode, fp32, calib_x, target, cfg.per_channel, [*cfg.keep_float, *keep], only)
+
+            mixed = None
+            if cfg.mixed_precision:
+                budget = cfg.max_accuracy_drop if cfg.max_accuracy_drop is not None else ctx.profile.budgets.max_accuracy_drop
+                if budget is None:
+                    raise ExportError("quantize: mixed_precision needs max_accuracy_drop (in the pass or the profile budgets)")
+                candidates = [name for name in layers if name not in cfg.keep_float]
+                mixed = select_float_layers(
+                    candidates, build, run, calib_x, torch_outputs(module, calib_x), eval_x, eval_y, float_accuracy, budget
+                )
+                if mixed.drop > budget:
+                    raise ExportError(
+                        f"quantize: {fmt} {cfg.mode} drops top-1 by {mixed.drop:.2f} points even with every layer in float "
+                        f"(budget {budget}); use a higher precision"
+                    )
+            keep_float = [*cfg.keep_float, *(mixed.keep_float if mixed else [])]
+            precision = "fp16" if cfg.mode == "fp16" else "mixed" if keep_float else "int8"
+            fp32_mb, n = size_mb(fp32), cfg.parity_samples
+            build(None, mixed.keep_float if mixed else [], out)
+            try:  # a file that does not load or drifts past the thresholds is not left behind
+                candidate = run(out, eval_x)
+                figures = parity.check(
+                    reference[:n], candidate[:n], precision, f"{fmt} {cfg.mode}",
+                    thresholds=self._thresholds(precision),
+                    worst_layer=partial(worst_layer, fmt, fp32, out, eval_x[:8], module_names),
+                )
+            except ExportError:
+                out.unlink(missing_ok=True)
+                raise
+
+        quant_accuracy = accuracy(candidate, eval_y)
+        ctx.metrics.update(
+            format=fmt,
+            mode=cfg.mode,
+            precision=precision,
+            size_mb_fp32=fp32_mb,
+            size_mb=size_mb(out),
+            size_ratio=fp32_mb / size_mb(out),
+            accuracy_fp32=float_accuracy,
+            accuracy=quant_accuracy,
+            accuracy_drop=float_accuracy - quant_accuracy,
+            parity=figures,
+            kept_in_float=keep_float,
+            calibration_samples=len(calib_x) if cfg.mode == "static" else 0,
+        )
+        if mixed:
+            ctx.metrics["mixed_precision"] = mixed.report()
+        meta = {**artifact.meta, "quantization": {"format": fmt, "mode": cfg.mode, "kept_in_float": keep_float}}
+        return replace(artifact, format=fmt, path=out, precision=precision, module=None, meta=meta)
+
+    def _thresholds(self, precision: str) -> parity.Thresholds:
+        base = parity.THRESHOLDS[precision]
+        cfg = self.config
+        return parity.Thresholds(
+            min_cosine=base.min_cosine if cfg.min_cosine is None else cfg.min_cosine,
+            min_top1_agreement=base.min_top1_agreement if cfg.min_top1_agreement is None else cfg.min_top1_agreement,
+            max_rel=base.max_rel if cfg.max_rel_error is None else cfg.max_rel_error,
+        )
+
+
+def quantize_file(
+    fmt: str,
+    mode: str,
+    fp32: Path,
+    calibration: np.ndarray,
+    out: Path,
+    per_channel: bool = True,
+    keep_float: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+) -> Path:
+    """One fp32 file → one quantized file, by the format's own toolchain."""
+    tools = onnx_quant if fmt == "onnx" else tflite_quant
+    if mode == "static":
+        return tools.quantize_static(fp32, calibration, out, per_channel, keep_float, only)
+    if mode == "dynamic":
+        return tools.quantize_dynamic(fp32, out, per_channel, keep_float, only)
+    return onnx_quant.convert_fp16(fp32, out, keep_float, only)
+
+
+def worst_layer(fmt: str, fp32: Path, quantized: Path, x: np.ndarray, layers: list[str]) -> str | None:
+    if fmt == "onnx":
+        return parity.onnx_worst_layer(fp32, quantized, x)
+    return parity.tflite_worst_layer(fp32, quantized, x, layers)
