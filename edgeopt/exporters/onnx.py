@@ -19,7 +19,9 @@ OPSET = 18
 
 
 @EXPORTERS.register("onnx")
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Path:
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, keep_metadata: bool = False) -> Path:
+    """`keep_metadata` keeps the exporter's per-node debug records (module scopes, stack
+    traces), which the quantizer reads; a deployable file drops them (about half its bytes)."""
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
 
@@ -37,10 +39,24 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Pa
                     external_data=False,
                 )
                 program.save(str(tmp))
+            if not keep_metadata:
+                strip_debug_metadata(tmp)
         except Exception as exc:
             raise ExportError(describe_export_failure("ONNX", model, example_input, exc)) from exc
 
     return write_with(Path(path), write)
+
+
+def strip_debug_metadata(path: Path) -> None:
+    """Drop per-node and per-value metadata in place; the graph and weights are unchanged."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    for value in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output, *proto.graph.initializer]:
+        del value.metadata_props[:]
+    onnx.save(proto, str(path))
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ thresholds.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,6 +23,7 @@ from pydantic import Field, model_validator
 from edgeopt.artifact import TORCH, ModelArtifact
 from edgeopt.evaluate import run_onnx, run_tflite, size_mb, torch_outputs
 from edgeopt.exporters import SUFFIX, ExportError, export
+from edgeopt.exporters.onnx import export_onnx, strip_debug_metadata
 from edgeopt.passes import Pass, PassConfig, PassContext, register_pass
 from edgeopt.passes.export import host_format
 from edgeopt.quantize import onnx_quant, parity, quantizable_layers, tflite_quant
@@ -29,6 +31,16 @@ from edgeopt.quantize.op_location import runtime_rejection, with_module
 from edgeopt.quantize.sensitivity import accuracy, select_float_layers
 
 RUNNERS = {"onnx": run_onnx, "tflite": run_tflite}
+
+
+def deployable_size_mb(path: Path) -> float:
+    """Size of the file as shipped (ONNX without the exporter's debug metadata)."""
+    if path.suffix != ".onnx":
+        return size_mb(path)
+    stripped = path.with_name("stripped-" + path.name)
+    shutil.copy(path, stripped)
+    strip_debug_metadata(stripped)
+    return size_mb(stripped)
 
 
 class QuantizeConfig(PassConfig):
@@ -84,7 +96,11 @@ class QuantizePass(Pass):
         with tempfile.TemporaryDirectory() as work:
             example = artifact.example_input(2)
             try:
-                fp32 = export(fmt, module, example, Path(work) / f"fp32{SUFFIX[fmt]}")
+                fp32_path = Path(work) / f"fp32{SUFFIX[fmt]}"
+                if fmt == "onnx":  # the quantizer maps nodes to modules through the exporter's metadata
+                    fp32 = export_onnx(module, example, fp32_path, keep_metadata=True)
+                else:
+                    fp32 = export(fmt, module, example, fp32_path)
             except ExportError as exc:
                 raise ExportError(with_module(str(exc), module, example)) from exc
             counter = iter(range(10**6))
@@ -109,8 +125,10 @@ class QuantizePass(Pass):
                     )
             keep_float = [*cfg.keep_float, *(mixed.keep_float if mixed else [])]
             precision = "fp16" if cfg.mode == "fp16" else "mixed" if keep_float else "int8"
-            fp32_mb, n = size_mb(fp32), cfg.parity_samples
+            fp32_mb, n = deployable_size_mb(fp32), cfg.parity_samples
             build(None, mixed.keep_float if mixed else [], out)
+            if fmt == "onnx":
+                strip_debug_metadata(out)
             try:  # a file that does not load or drifts past the thresholds is not left behind
                 candidate = run(out, eval_x)
                 figures = parity.check(
