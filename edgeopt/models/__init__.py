@@ -64,6 +64,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(model: nn.Module, path: Path) -> nn.Module:
     """Load `path` into `model` strictly; a mismatch is a one-line InputError."""
     state = load_state_dict(path)
+    convert = getattr(model, "convert_state_dict", None)  # e.g. VMamba's first-release key names
+    if convert is not None:
+        state = convert(state)
     missing, unexpected, wrong = _compare(model.state_dict(), state)
     if missing or unexpected or wrong:
         parts = []
@@ -95,7 +98,7 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None, checkpoint: Pat
     factory = resolve_factory(name)
     try:
         model = factory(**(kwargs or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InputError(f"model '{name}' rejected its arguments: {exc}") from exc
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
