@@ -316,11 +316,8 @@ def _attach_plugins() -> None:
     """Command groups that live with their feature (MoE runtime, device inventory)."""
     import importlib
 
-    for module, attr in (("edgeopt.moe.cli", "moe"), ("edgeopt.profiler.cli", "devices")):
-        try:
-            cli.add_command(getattr(importlib.import_module(module), attr))
-        except ImportError:
-            continue
+    for module, attr in (("edgeopt.moe.cli", "moe"), ("edgeopt.profiler.cli", "devices"), ("edgeopt.sweep", "sweep")):
+        cli.add_command(getattr(importlib.import_module(module), attr))
 
 
 _attach_plugins()

@@ -161,7 +161,7 @@ class Pipeline:
             artifact, pass_metrics, wall = found
             metrics = {"key": key, "pass": pass_metrics, **self._measure(artifact, splits, step_dir)}
         except BaseException:
-            shutil.rmtree(step_dir, ignore_errors=True)  # nothing half-written survives
+            _clear_step_dir(step_dir)  # nothing half-written survives (but a pass's resume state)
             raise
         write_json(
             step_dir / MANIFEST,
@@ -181,9 +181,8 @@ class Pipeline:
     def _run_pass(
         self, step_dir: Path, make: Callable[[dict[str, Any]], ModelArtifact]
     ) -> tuple[ModelArtifact, dict[str, Any], float]:
-        if step_dir.exists():
-            shutil.rmtree(step_dir)
-        step_dir.mkdir(parents=True)
+        _clear_step_dir(step_dir)
+        step_dir.mkdir(parents=True, exist_ok=True)
         self.notify(f"{step_dir.name}: running")
         start = time.perf_counter()
         pass_metrics: dict[str, Any] = {}
@@ -313,6 +312,21 @@ def verdict(steps: list[StepResult], budgets: Budgets) -> dict[str, dict[str, An
         for name, limit in budgets.model_dump().items()
         if limit is not None
     }
+
+
+RESUME_FILE = "resume.pt"  # a pass's own checkpoint (e.g. distill), fingerprinted by the pass
+
+
+def _clear_step_dir(step_dir: Path) -> None:
+    """Remove a step's files, keeping a resume checkpoint so an interrupted pass continues."""
+    if not step_dir.exists():
+        return
+    for path in step_dir.iterdir():
+        if path.name == RESUME_FILE:
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if not any(step_dir.iterdir()):
+        step_dir.rmdir()
 
 
 def _read_manifest(step_dir: Path) -> dict[str, Any] | None:

@@ -89,3 +89,17 @@ def test_other_profile_reuses_profile_independent_steps(first_run, root):
     assert other_steps[2].metrics["accuracy"] == steps[2].metrics["accuracy"]
     # but every step is measured again, with this profile's thread count
     assert all(s.metrics["profile"]["threads"] == 6 for s in other_steps)
+
+
+def test_clearing_a_step_keeps_only_the_resume_checkpoint(tmp_path):
+    from edgeopt.pipeline import RESUME_FILE, _clear_step_dir
+
+    step = tmp_path / "02-distill"
+    (step / "profiled").mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"half")
+    (step / RESUME_FILE).write_bytes(b"state")
+    _clear_step_dir(step)
+    assert [p.name for p in step.iterdir()] == [RESUME_FILE]
+    (step / RESUME_FILE).unlink()
+    _clear_step_dir(step)
+    assert not step.exists()

@@ -27,7 +27,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, keep_
 
     def write(tmp: Path) -> None:
         try:
-            with _quiet():
+            with quiet():
                 program = torch.onnx.export(
                     model,
                     (example_input,),
@@ -60,7 +60,7 @@ def strip_debug_metadata(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """torch.onnx prints progress lines to stdout; keep the CLI's output ours."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from edgeopt.errors import unknown_name
 
 BACKENDS = ("reference", "chunked", "cuda")
-_VECTORIZE_MAX = 1 << 22  # elements of (B, D, L, N) up to which all steps are computed at once
+# elements of one sample's (D, L, N) up to which all steps are computed at once; the batch size
+# stays out of the decision so an export with a dynamic batch does not guard on it
+_VECTORIZE_MAX = 1 << 22
 
 
 def selective_scan(
@@ -162,7 +164,7 @@ def _chunked(
     # Small scans compute all steps' decays in one op (fewer ops and graph nodes); large ones
     # step by step so each op stays in cache (one (B, D, L, N) op is memory-bound).
     # Steps are split (not unbound) so the graph gets one Split node instead of T slices.
-    if batch * dim * NC * T * nstate <= _VECTORIZE_MAX:
+    if dim * NC * T * nstate <= _VECTORIZE_MAX:
         decays = torch.exp(dt * Ag).split(1, dim=4)
         inputs = (du * Bt).split(1, dim=4)
     else:

@@ -76,7 +76,7 @@ def make_pass(name: str, options: dict[str, Any] | None) -> Pass:
     return cls(config)
 
 
-_BUILTIN_MODULES = ["edgeopt.passes.lowrank", "edgeopt.passes.finetune", "edgeopt.passes.quantize", "edgeopt.passes.export"]
+_BUILTIN_MODULES = ["edgeopt.passes.lowrank", "edgeopt.passes.finetune", "edgeopt.passes.distill", "edgeopt.passes.quantize", "edgeopt.passes.export"]
 _loaded = False
 
 

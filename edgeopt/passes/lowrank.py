@@ -1,14 +1,26 @@
-"""`lowrank` pass: truncated-SVD factorization W ≈ (U√Σ)(√Σ Vᵀ) of linear layers.
+"""`lowrank` pass: truncated-SVD factorization of nn.Linear, 1x1 convolutions and SS2D (Low-Rank SS2D).
 
-Rank ratio ρ means a factorized layer keeps about ρ of its parameters:
-r = floor(ρ · in·out / (in + out)). A layer is replaced only when the
-factorized form has fewer parameters than the original.
+Inside VMamba's SS2D it factorizes `in_proj`, `out_proj`, `x_proj_weight` and `dt_projs_weight`
+(per scan direction) and the state matrix `A_logs` ((K d_inner) x N, A = -exp(U V)), keeping the
+transition input-dependent through delta (DLRMamba's Low-Rank SS2D). Part `state` first truncates
+the scan's state dimension N to the modes that carry most of the output energy on calibration data
+(the scan's cost is linear in N, so this is what makes the block faster; the distill pass maps
+teacher states onto the kept modes). A target is replaced only when its factors have fewer
+parameters. Ranks come from one of:
+
+- `ratio`: every target keeps about `rank_ratio` of its parameters (DLRMamba's 0.65 ... 0.50),
+  and ceil(rank_ratio N) state modes;
+- `energy`: the smallest rank keeping `energy` of the squared singular values (state: of the
+  modes' output energy);
+- `budget`: `rank_ratio` of all targets' parameters, spread by sensitivity on calibration data.
+
+`whiten: true` makes the factors (and the energy / sensitivity measures) activation-aware, as in
+SVD-LLM: truncation then minimizes the output error on the calibration split.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -16,100 +28,104 @@ from torch import nn
 
 from edgeopt.artifact import EDITS, ModelArtifact
 from edgeopt.evaluate import count_params
+from edgeopt.lowrank.factors import rank_for_ratio, saves_params, svd_factors  # noqa: F401  (public API)
+from edgeopt.lowrank.modules import FactorizedLinear  # noqa: F401  (public API)
+from edgeopt.lowrank.plan import (
+    SS2D_PARTS,
+    Selection,
+    apply_plan,
+    factorize,
+    find_targets,
+    input_grams,
+    ranks_by_budget,
+    ranks_by_energy,
+    ranks_by_ratio,
+    state_energies,
+    state_ranks,
+    state_targets,
+)
 from edgeopt.passes import Pass, PassConfig, PassContext, register_pass
 
 
-class FactorizedLinear(nn.Module):
-    """y = second(first(x)): a rank-r replacement for nn.Linear(in, out)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
-        super().__init__()
-        self.first = nn.Linear(in_features, rank, bias=False)
-        self.second = nn.Linear(rank, out_features, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
-
-    @property
-    def rank(self) -> int:
-        return self.first.out_features
-
-
-def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out×r, r×in) factors whose product is the best rank-r approximation of `weight`."""
-    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
-
-
 def factorize_linear(layer: nn.Linear, rank: int) -> FactorizedLinear:
-    new = FactorizedLinear(layer.in_features, layer.out_features, rank, layer.bias is not None)
-    left, right = svd_factors(layer.weight, rank)
-    with torch.no_grad():
-        new.first.weight.copy_(right)
-        new.second.weight.copy_(left)
-        if layer.bias is not None:
-            new.second.bias.copy_(layer.bias)
-    return new
-
-
-def rank_for_ratio(in_features: int, out_features: int, ratio: float) -> int:
-    return max(1, int(ratio * in_features * out_features / (in_features + out_features)))
-
-
-def saves_params(in_features: int, out_features: int, rank: int) -> bool:
-    return rank * (in_features + out_features) < in_features * out_features
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
+    holder = nn.Sequential(layer)
+    factorize(holder, {"0": rank})
+    return holder[0]
 
 
 @EDITS.register("lowrank")
 def replay_lowrank(model: nn.Module, edit: dict[str, Any]) -> None:
     """Rebuild the factorized structure recorded by the pass (weights load afterwards)."""
-    for path, rank in edit["ranks"].items():
-        layer = model.get_submodule(path)
-        _set_module(model, path, FactorizedLinear(layer.in_features, layer.out_features, rank, layer.bias is not None))
+    factorize(model, edit["ranks"], init=False)
+
+
+SS2DPart = Literal["state", "in_proj", "out_proj", "x_proj", "dt_proj", "A"]
 
 
 class LowRankConfig(PassConfig):
-    rank_ratio: float = Field(0.5, gt=0, le=1, description="fraction of each layer's parameters kept")
-    include: list[str] = Field(["*"], description="glob patterns of module paths to consider")
-    exclude: list[str] = Field([], description="glob patterns of module paths to leave alone")
+    rank_ratio: float = Field(
+        0.5, gt=0, le=1, description="parameters kept per layer (ratio) or in all (budget)"
+    )
+    method: Literal["ratio", "energy", "budget"] = "ratio"
+    energy: float = Field(
+        0.95, gt=0, le=1, description="share of squared singular values kept (method energy)"
+    )
+    whiten: bool = Field(False, description="activation-aware factors from the calibration split (SVD-LLM)")
+    calib_samples: int = Field(128, ge=1, description="calibration images for whiten / budget")
+    include: list[str] = Field(["*"], description="glob patterns of target names to consider")
+    exclude: list[str] = Field([], description="glob patterns of target names to leave alone")
+    ss2d_only: bool = Field(False, description="factorize only inside SS2D blocks")
+    last_blocks: int | None = Field(None, ge=1, description="only the last N SS2D blocks (implies ss2d_only)")
+    ss2d_parts: list[SS2DPart] = Field(list(SS2D_PARTS), description="which SS2D weights to factorize")
     min_features: int = Field(8, ge=1, description="skip layers narrower than this")
 
 
 @register_pass
 class LowRankPass(Pass):
     name = "lowrank"
+    uses_profile = False  # same result for every hardware profile: shared across profiles
     Config = LowRankConfig
     config: LowRankConfig
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        model = copy_module(artifact)  # the previous step's module stays intact (the teacher)
-        before = count_params(model)
-        ranks: dict[str, int] = {}
-        for path, layer in list(model.named_modules()):
-            if not isinstance(layer, nn.Linear) or not self._selected(path):
-                continue
-            if min(layer.in_features, layer.out_features) < self.config.min_features:
-                continue
-            rank = rank_for_ratio(layer.in_features, layer.out_features, self.config.rank_ratio)
-            if saves_params(layer.in_features, layer.out_features, rank):
-                _set_module(model, path, factorize_linear(layer, rank))
-                ranks[path] = rank
-        ctx.metrics.update(
-            params_before=before, params_after=count_params(model), factorized_layers=ranks
-        )
-        edits = [*artifact.edits, {"edit": "lowrank", "ranks": ranks}] if ranks else artifact.edits
+        cfg = self.config
+        calib_x = ctx.splits.calib.x[: cfg.calib_samples]
+        scratch = copy_module(artifact)  # plans are made on a copy: the input module stays the teacher
+        before = count_params(scratch)
+        ranks = plan_ranks(scratch, cfg, calib_x)
+        model = apply_plan(copy_module(artifact), ranks, calib_x, cfg.whiten)
+        ctx.metrics.update(params_before=before, params_after=count_params(model), factorized_layers=ranks)
+        edit = {"edit": "lowrank", "ranks": ranks, "whiten": cfg.whiten, "calib_samples": cfg.calib_samples}
+        edits = [*artifact.edits, edit] if ranks else artifact.edits
         return artifact.with_module(model, ctx.step_dir / "model.safetensors", edits)
 
-    def _selected(self, path: str) -> bool:
-        match = lambda patterns: any(fnmatch.fnmatchcase(path, p) for p in patterns)  # noqa: E731
-        return match(self.config.include) and not match(self.config.exclude)
+
+def selection_of(cfg: LowRankConfig) -> Selection:
+    return Selection(
+        cfg.include, cfg.exclude, cfg.ss2d_only, cfg.last_blocks, cfg.ss2d_parts, cfg.min_features
+    )
+
+
+def plan_ranks(model: nn.Module, cfg: LowRankConfig, calib_x: torch.Tensor) -> dict[str, int]:
+    """{target: rank} for the config. Truncates `model`'s SS2D states in place first (factor ranks
+    are planned on the truncated shapes); calibration data only where the method needs it."""
+    selection = selection_of(cfg)
+    states = state_targets(model, selection)
+    state_plan = {}
+    if states:
+        energies = state_energies(model, states, calib_x)
+        energy = cfg.energy if cfg.method == "energy" else None
+        state_plan = state_ranks(states, model, cfg.rank_ratio, energy, energies)
+        factorize(model, state_plan, energies)
+    targets = find_targets(model, selection)
+    grams = input_grams(model, targets, calib_x) if cfg.whiten or cfg.method == "budget" else {}
+    if cfg.method == "ratio":
+        ranks = ranks_by_ratio(targets, cfg.rank_ratio)
+    elif cfg.method == "energy":
+        ranks = ranks_by_energy(targets, cfg.energy, grams)
+    else:
+        ranks = ranks_by_budget(targets, cfg.rank_ratio, grams)
+    return {**state_plan, **ranks}
 
 
 def copy_module(artifact: ModelArtifact) -> nn.Module:

@@ -1,0 +1,83 @@
+"""What a factorization buys: parameters (all / inside SS2D), MACs, and ONNX Runtime latency.
+
+Latency of several models is measured side by side in one process: rounds alternate between the
+models (order reversed every round), so load on a shared machine hits all of them alike and the
+ratios between them stay meaningful.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from edgeopt.models.ss2d import SS2D
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def ss2d_params(model: nn.Module) -> int:
+    return sum(params(m) for m in model.modules() if isinstance(m, SS2D))
+
+
+@torch.no_grad()
+def macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward on `example` (matmuls, convolutions, einsums)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.eval()(example)
+    return counter.get_total_flops() // 2
+
+
+def export_for_timing(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """ONNX with the example's static shape: latency is measured at one batch size, so the graph
+    need not carry a dynamic batch dimension (nor the shape guards that come with one)."""
+    from edgeopt.exporters.onnx import OPSET, quiet
+    from edgeopt.fileio import write_with
+
+    def write(tmp: Path) -> None:
+        with quiet():
+            torch.onnx.export(model.eval(), (example,), input_names=["input"], output_names=["output"],
+                              opset_version=OPSET, dynamo=True, external_data=False).save(str(tmp))  # fmt: skip
+
+    return write_with(Path(path), write)
+
+
+def ort_latency_ms(
+    models: dict[str, Path],
+    x: np.ndarray,
+    threads: int = 1,
+    rounds: int = 20,
+    runs_per_round: int = 10,
+    warmup: int = 5,
+) -> dict[str, float]:
+    """Median per-inference latency (ms) of each ONNX model on input `x`, interleaved."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for name, path in models.items()}  # fmt: skip
+    feeds = {
+        name: {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+        for name, s in sessions.items()
+    }
+    for name, session in sessions.items():
+        for _ in range(warmup):
+            session.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    names = list(sessions)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            for _ in range(runs_per_round):
+                sessions[name].run(None, feeds[name])
+            times[name].append((time.perf_counter() - start) / runs_per_round * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}

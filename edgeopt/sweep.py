@@ -1,0 +1,205 @@
+"""`edgeopt sweep RECIPE --rank-ratios 0.65,0.6,0.55,0.5`: DLRMamba's rank-ratio study on a recipe.
+
+For every ratio the recipe's `lowrank` step runs with that ratio (its other options kept), then its
+`distill` step; accuracy is measured with and without distillation on the eval split, and every
+model is exported to ONNX and timed side by side in one ONNX Runtime session set (see
+`edgeopt.lowrank.measure`). Prints the table, writes `sweep.json` and an accuracy-vs-latency
+Pareto plot (`pareto.png`) into the output directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from edgeopt.artifact import TORCH, ModelArtifact, ModelSource, save_weights
+from edgeopt.data import load_dataset
+from edgeopt.errors import InputError
+from edgeopt.evaluate import top1_accuracy, torch_outputs
+from edgeopt.fileio import write_json, write_with
+from edgeopt.lowrank.measure import export_for_timing, macs, ort_latency_ms, params, ss2d_params
+from edgeopt.models import build_model
+from edgeopt.passes import PassContext, make_pass
+from edgeopt.profiles import load_profile
+from edgeopt.recipes import Recipe, load_recipe
+
+
+@dataclass
+class Row:
+    name: str  # "teacher" or "ratio 0.50"
+    ratio: float | None
+    params: int
+    ss2d_params: int
+    macs: int
+    accuracy_lowrank: float | None  # eval top-1 right after factorization
+    accuracy: float  # eval top-1 (after distillation for students)
+    latency_ms: float = float("nan")
+    distill: dict[str, Any] | None = None
+
+
+def run_sweep(
+    recipe: Recipe,
+    ratios: list[float],
+    out_dir: Path,
+    profile_name: str = "x86-cpu",
+    distill_overrides: dict[str, Any] | None = None,
+    threads: int = 1,
+    progress: bool = True,
+    log=print,  # noqa: ANN001
+) -> list[Row]:
+    """Teacher row first, then one row per ratio; every model timed in the same interleaved run."""
+    lowrank_cfg, distill_cfg = _step_config(recipe, "lowrank"), _step_config(recipe, "distill")
+    distill_cfg.update(distill_overrides or {})
+    profile = load_profile(profile_name)
+    splits = load_dataset(recipe.dataset.name, **recipe.dataset.kwargs)
+    spec = recipe.model
+    teacher_module = build_model(spec.name, spec.kwargs, spec.checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(teacher_module, out_dir / "teacher.safetensors")
+    teacher = ModelArtifact(TORCH, out_dir / "teacher.safetensors", ModelSource(spec.name, dict(spec.kwargs)),
+                            tuple(spec.input_shape), module=teacher_module)  # fmt: skip
+    example = teacher.example_input(1)
+    eval_x, eval_y = splits.eval.x, splits.eval.y
+
+    def accuracy(module: torch.nn.Module) -> float:
+        return top1_accuracy(torch_outputs(module, eval_x), eval_y)
+
+    rows = [Row("teacher", None, params(teacher_module), ss2d_params(teacher_module), macs(teacher_module, example),
+                None, accuracy(teacher_module))]  # fmt: skip
+    onnx = {"teacher": export_for_timing(teacher_module, example, out_dir / "teacher.onnx")}
+    for ratio in ratios:
+        name = f"ratio {ratio:.2f}"
+        step = out_dir / f"ratio-{ratio:.2f}"
+        ctx = PassContext(splits, profile, step / "lowrank", [teacher], seed=recipe.seed)
+        ctx.step_dir.mkdir(parents=True, exist_ok=True)
+        student = make_pass("lowrank", {**lowrank_cfg, "rank_ratio": ratio}).run(teacher, ctx)
+        lowrank_acc = accuracy(student.load_module())
+        log(f"{name}: factorized, eval top-1 {100 * lowrank_acc:.2f}% before distillation")
+        dctx = PassContext(splits, profile, step / "distill", [teacher, student], seed=recipe.seed)
+        dctx.step_dir.mkdir(parents=True, exist_ok=True)
+        distilled = make_pass("distill", distill_cfg).run(student, dctx).load_module()
+        row = Row(name, ratio, params(distilled), ss2d_params(distilled), macs(distilled, example), lowrank_acc,
+                  accuracy(distilled), distill={k: v for k, v in dctx.metrics.items() if k != "history"})  # fmt: skip
+        log(f"{name}: distilled, eval top-1 {100 * row.accuracy:.2f}% ({row.distill['steps']} steps)")
+        rows.append(row)
+        onnx[name] = export_for_timing(distilled, example, step / "student.onnx")
+    log(f"timing {len(onnx)} ONNX models side by side ({threads} thread{'s' * (threads > 1)})")
+    latency = ort_latency_ms(onnx, example.numpy(), threads=threads)
+    for row in rows:
+        row.latency_ms = latency[row.name]
+    write_json(out_dir / "sweep.json", {"recipe": recipe.name, "rows": [asdict(r) for r in rows]})
+    pareto_plot(rows, out_dir / "pareto.png", recipe.name)
+    return rows
+
+
+def _step_config(recipe: Recipe, name: str) -> dict[str, Any]:
+    return next((dict(s.config) for s in recipe.passes if s.name == name), {})
+
+
+def table(rows: list[Row]):  # noqa: ANN201
+    """DLRMamba's sweep table: ratio, params, accuracy without / with distillation, latency."""
+    from rich.table import Table
+
+    teacher = rows[0]
+    out = Table(title="rank-ratio sweep (accuracy: eval top-1; latency: ONNX Runtime, batch 1)")
+    for column in ("model", "params", "SS2D params", "MMACs", "top-1 no distill", "top-1 distilled",
+                   "latency ms", "speedup"):  # fmt: skip
+        out.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        out.add_row(
+            r.name, f"{r.params:,}", f"{r.ss2d_params:,} ({r.ss2d_params / teacher.ss2d_params:.0%})",
+            f"{r.macs / 1e6:.2f}", "-" if r.accuracy_lowrank is None else f"{100 * r.accuracy_lowrank:.2f}%",
+            f"{100 * r.accuracy:.2f}%", f"{r.latency_ms:.3f}", f"{teacher.latency_ms / r.latency_ms:.2f}x",
+        )  # fmt: skip
+    return out
+
+
+def pareto_plot(rows: list[Row], path: Path, title: str) -> Path:
+    """Accuracy vs latency: teacher, students with and without distillation, and the Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r.latency_ms, 100 * r.accuracy, r.name) for r in rows]
+    points += [(r.latency_ms, 100 * r.accuracy_lowrank, f"{r.name} (no distill)") for r in rows[1:]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.scatter([p[0] for p in points[:1]], [p[1] for p in points[:1]], marker="*", s=160, label="teacher")
+    ax.scatter(
+        [r.latency_ms for r in rows[1:]], [100 * r.accuracy for r in rows[1:]], label="low-rank + distill"
+    )
+    ax.scatter([r.latency_ms for r in rows[1:]], [100 * r.accuracy_lowrank for r in rows[1:]], facecolors="none",
+               edgecolors="gray", label="low-rank, no distill")  # fmt: skip
+    for x, y, label in points[: len(rows)]:
+        ax.annotate(
+            label.replace("ratio ", ""), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
+    front = pareto_front([(x, y) for x, y, _ in points])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", label="Pareto front")
+    ax.set(
+        xlabel="ONNX Runtime latency (ms, batch 1)",
+        ylabel="eval top-1 (%)",
+        title=f"{title}: accuracy vs latency",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both latency (lower) and accuracy (higher), by latency."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def parse_ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--rank-ratios must be comma-separated numbers, got {text!r}") from None
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        raise InputError(f"--rank-ratios must be in (0, 1], got {text!r}")
+    return ratios
+
+
+@click.command("sweep")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option(
+    "--rank-ratios", default="0.65,0.6,0.55,0.5", show_default=True, help="Comma-separated rank ratios."
+)
+@click.option(
+    "--profile", "profile_name", default="x86-cpu", show_default=True, help="Hardware profile for the passes."
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Output directory [default: runs/<recipe>-sweep]."
+)
+@click.option("--steps", type=int, help="Override the recipe's distillation steps.")
+@click.option("--threads", default=1, show_default=True, help="ONNX Runtime threads for timing.")
+def sweep(
+    recipe: Path, rank_ratios: str, profile_name: str, out: Path | None, steps: int | None, threads: int
+) -> None:
+    """Factorize RECIPE's model at each rank ratio, distill, and compare accuracy and latency."""
+    import sys
+
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 160)  # readable in pipes and CI logs
+    ratios = parse_ratios(rank_ratios)
+    loaded = load_recipe(recipe)
+    if not any(s.name == "lowrank" for s in loaded.passes):
+        raise InputError(f"recipe {recipe} has no lowrank pass to sweep")
+    out_dir = out or Path("runs") / f"{loaded.name}-sweep"
+    rows = run_sweep(loaded, ratios, out_dir, profile_name, {"steps": steps} if steps else None, threads,
+                     log=console.log)  # fmt: skip
+    console.print(table(rows))
+    console.print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'pareto.png'}")
