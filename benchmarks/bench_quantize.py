@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from edgeopt.data import load_dataset
-from edgeopt.evaluate import parity, run_onnx, run_tflite, size_mb, torch_outputs
+from edgeopt.evaluate import parity, run_onnx, run_tflite, torch_outputs
 from edgeopt.exporters import export
+from edgeopt.exporters.onnx import export_onnx
 from edgeopt.models import build_model
-from edgeopt.passes.quantize import quantize_file
+from edgeopt.passes.quantize import deployable_size_mb, quantize_file
 from edgeopt.quantize import quantizable_layers
 from edgeopt.quantize.sensitivity import accuracy, select_float_layers
 
@@ -91,10 +92,9 @@ def mixed_precision(fmt, model, fp32, calib, x, y, float_top1, budget, work: Pat
     reference = torch_outputs(model, calib)
     result = select_float_layers(quantizable_layers(model), build, run, calib, reference, x, y, float_top1, budget)
     ranked = sorted(result.sensitivity.items(), key=lambda kv: -kv[1])[:3]
-    print(
-        f"  {fmt} mixed (budget {budget} pt): kept in float {result.keep_float or 'none'}; "
-        f"most sensitive (output NSR, one layer int8): " + ", ".join(f"{k} {v:.2e}" for k, v in ranked)
-    )
+    why = ("most sensitive (output NSR, one layer int8): " + ", ".join(f"{k} {v:.2e}" for k, v in ranked)
+           if ranked else "all-int8 holds the budget, no sensitivity run")
+    print(f"  {fmt} mixed (budget {budget} pt): kept in float {result.keep_float or 'none'}; {why}")
     return result.path
 
 
@@ -131,7 +131,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for fmt in args.formats:
             run = run_onnx if fmt == "onnx" else run_tflite
-            fp32 = export(fmt, model, torch.as_tensor(x[:2]), Path(work) / f"fp32.{fmt}")
+            example, fp32_path = torch.as_tensor(x[:2]), Path(work) / f"fp32.{fmt}"
+            # ONNX keeps the exporter's node → module metadata (keep_float and mixed precision read it);
+            # sizes are of the files as shipped, without it
+            fp32 = export_onnx(model, example, fp32_path, keep_metadata=True) if fmt == "onnx" else export(fmt, model, example, fp32_path)
             base_ms = base_mb = None
             variants = VARIANTS[fmt] + (["mixed"] if args.mixed_budget >= 0 else [])
             for mode in variants:
@@ -142,7 +145,7 @@ def main() -> None:
                 else:
                     path = quantize_file(fmt, mode, fp32, calib, Path(work) / f"{mode}.{fmt}")
                 out = run(path, x)
-                top1, mb = accuracy(out, y), size_mb(path)
+                top1, mb = accuracy(out, y), deployable_size_mb(path)
                 ms = latency_ms(fmt, path, sample, args.threads, args.runs)
                 base_ms, base_mb = base_ms or ms, base_mb or mb
                 label = f"{fmt} {'int8 ' + mode if mode in ('static', 'dynamic', 'mixed') else mode}"

@@ -8,6 +8,7 @@ dataset) matches its manifest is not recomputed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -255,7 +256,7 @@ class Pipeline:
             runtime,
             x,
             y,
-            threads=self.profile.threads,
+            threads=self.threads,
             work_dir=work_dir,
             runner=self.runner,
             device=self.device,
@@ -271,6 +272,14 @@ class Pipeline:
             if path.is_dir() and path.name not in current:
                 shutil.rmtree(path)
 
+    @property
+    def threads(self) -> int:
+        """The profile's threads; on this host (no device) at most its cores, since more
+        threads than cores only measures contention."""
+        if self.device is None:
+            return min(self.profile.threads, os.cpu_count() or 1)
+        return self.profile.threads
+
     def _write_bundle(self, final: StepResult, splits: Splits) -> None:
         """The deployable bundle of the final artifact, for `make deploy` / `edgeopt devices profile`."""
         if final.artifact.format == TORCH:
@@ -283,11 +292,12 @@ class Pipeline:
             splits.eval.x.numpy(),
             splits.eval.y.numpy(),
             self.run_dir / "bundle",
-            threads=self.profile.threads,
+            threads=self.profile.threads,  # the bundle is for the device
         )
 
     def _data_key(self) -> dict[str, Any]:
-        return {"dataset": self.recipe.dataset.model_dump(mode="json"), "seed": self.recipe.seed}
+        return {"dataset": self.recipe.dataset.model_dump(mode="json"), "seed": self.recipe.seed,
+                "code": code_version()}
 
     def _measure_key(self) -> dict[str, Any]:
         return {"profile": self.profile.model_dump(mode="json"), "runner": [self.runner, self.device],
@@ -327,6 +337,17 @@ def _clear_step_dir(step_dir: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if not any(step_dir.iterdir()):
         step_dir.rmdir()
+
+
+@functools.cache
+def code_version() -> str:
+    """Hash of edgeopt's own source: a changed pass implementation invalidates cached steps."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _read_manifest(step_dir: Path) -> dict[str, Any] | None:

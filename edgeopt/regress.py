@@ -28,7 +28,7 @@ from edgeopt.recipes import load_recipe
 
 ACCURACY_TOL = 0.5  # points
 SIZE_TOL = 0.05  # relative
-LATENCY_RATIO_TOL = 0.35  # relative; timing on shared CI machines is noisy
+LATENCY_RATIO_TOL = 0.50  # relative; timing on shared CI machines is noisy, a real slowdown is larger
 
 RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "tflite": "ai_edge_litert", "tensorrt": "tensorrt"}
 

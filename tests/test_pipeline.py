@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,8 +88,8 @@ def test_other_profile_reuses_profile_independent_steps(first_run, root):
     # original, lowrank and finetune come from the shared step cache; export depends on the profile
     assert [s.cached for s in other_steps] == [True, True, True, False]
     assert other_steps[2].metrics["accuracy"] == steps[2].metrics["accuracy"]
-    # but every step is measured again, with this profile's thread count
-    assert all(s.metrics["profile"]["threads"] == 6 for s in other_steps)
+    # but every step is measured again, with this profile's thread count (capped at this host's cores)
+    assert all(s.metrics["profile"]["threads"] == min(6, os.cpu_count()) for s in other_steps)
 
 
 def test_clearing_a_step_keeps_only_the_resume_checkpoint(tmp_path):

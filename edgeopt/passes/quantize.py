@@ -21,11 +21,13 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from edgeopt.artifact import TORCH, ModelArtifact
+from edgeopt.errors import InputError
 from edgeopt.evaluate import run_onnx, run_tflite, size_mb, torch_outputs
 from edgeopt.exporters import SUFFIX, ExportError, export
 from edgeopt.exporters.onnx import export_onnx, strip_debug_metadata
 from edgeopt.passes import Pass, PassConfig, PassContext, register_pass
 from edgeopt.passes.export import host_format
+from edgeopt.profiles import Profile
 from edgeopt.quantize import onnx_quant, parity, quantizable_layers, tflite_quant
 from edgeopt.quantize.op_location import runtime_rejection, with_module
 from edgeopt.quantize.sensitivity import accuracy, select_float_layers
@@ -45,7 +47,9 @@ def deployable_size_mb(path: Path) -> float:
 
 class QuantizeConfig(PassConfig):
     format: Literal["auto", "onnx", "tflite"] = "auto"
-    mode: Literal["static", "dynamic", "fp16"] = "static"
+    mode: Literal["auto", "static", "dynamic", "fp16"] = Field(
+        "static", description="auto: from the profile's default_precision (int8: static + mixed_precision; fp16: onnx fp16)"
+    )
     per_channel: bool = True
     calibration_samples: int = Field(128, ge=1)
     mixed_precision: bool = False
@@ -70,7 +74,7 @@ class QuantizePass(Pass):
     config: QuantizeConfig
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
-        cfg = self.config
+        cfg = resolved(self.config, ctx.profile)
         fmt = host_format(ctx.profile) if cfg.format == "auto" else cfg.format
         if artifact.format != TORCH:
             raise ExportError(f"quantize needs the PyTorch model, got a {artifact.format} artifact: put it before export")
@@ -168,6 +172,23 @@ class QuantizePass(Pass):
             min_top1_agreement=base.min_top1_agreement if cfg.min_top1_agreement is None else cfg.min_top1_agreement,
             max_rel=base.max_rel if cfg.max_rel_error is None else cfg.max_rel_error,
         )
+
+
+def resolved(cfg: QuantizeConfig, profile: Profile) -> QuantizeConfig:
+    """`mode: auto` made concrete by the profile's default precision: int8 → static int8 with
+    mixed precision (the accuracy budget decides what stays float); fp16 → ONNX fp16."""
+    if cfg.mode != "auto":
+        return cfg
+    precision = profile.default_precision
+    if precision in ("int8", "mixed"):
+        return cfg.model_copy(update={"mode": "static", "mixed_precision": True})
+    if precision == "fp16":
+        if cfg.format == "tflite":
+            raise InputError(f"quantize mode auto: profile '{profile.name}' wants fp16, which this pass makes for onnx only; "
+                             "use format: auto or onnx")
+        return cfg.model_copy(update={"mode": "fp16", "format": "onnx"})
+    raise InputError(f"quantize mode auto: profile '{profile.name}' wants {precision} (default_precision); "
+                     "drop the quantize pass for it or set mode explicitly")
 
 
 def quantize_file(

@@ -1,5 +1,7 @@
 """Per-layer mixed precision: find the layers int8 hurts most and keep them in float.
 
+0. Everything int8 first: when that already holds the budget, no sensitivity is
+   measured (the common case, and what keeps `mode: auto` cheap in CI).
 1. Sensitivity: quantize one layer at a time (everything else float) and measure
    the output's noise-to-signal ratio against the float model on the
    calibration split (accuracy is never judged on calibration data).
@@ -73,10 +75,14 @@ def select_float_layers(
     max_accuracy_drop: float,
 ) -> MixedPrecision:
     """Fewest most-sensitive layers in float that bring the eval top-1 drop within `max_accuracy_drop` points."""
+    path = build(None, [])
+    acc = accuracy(run(path, eval_x), eval_y)
+    trials: list[dict[str, object]] = [{"kept_in_float": [], "accuracy": acc}]
+    if float_accuracy - acc <= max_accuracy_drop or not layers:
+        return MixedPrecision([], path, acc, float_accuracy, {}, trials)
     sensitivity = layer_sensitivity(layers, build, run, calib_x, calib_reference)
     ranked = sorted(layers, key=sensitivity.__getitem__, reverse=True)
-    trials: list[dict[str, object]] = []
-    for k in range(len(ranked) + 1):
+    for k in range(1, len(ranked) + 1):
         keep = ranked[:k]
         path = build(None, keep)
         acc = accuracy(run(path, eval_x), eval_y)

@@ -1,7 +1,11 @@
 """TFLite int8 with the LiteRT toolchain: ai-edge-quantizer recipes on the fp32 .tflite.
 
 - static int8: int8 per-channel weights *and* int8 activations (ranges from the
-  calibration split); the model keeps float32 inputs/outputs (one QUANTIZE after
+  calibration split) on fully-connected and conv ops; BATCH_MATMUL (SS2D's x/dt
+  projections, weight on the left) gets int8 weights with float activations
+  (weight-only: int8 activations there cost digits-vmamba 6 top-1 points);
+  elementwise ops that carry a weight-sized constant (the scan's `dt * A`) are
+  int8 per-tensor; every other op (the scan's Exp/Mul/Sum) stays float; the model keeps float32 inputs/outputs (one QUANTIZE after
   the input, one DEQUANTIZE before the output) so every caller feeds it like the
   fp32 model;
 - dynamic-range int8: int8 weights, activations quantized per call by the kernels.
@@ -25,6 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeopt.fileio import write_with
+
+STATIC_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")  # int8 weights and activations
+WEIGHT_ONLY_OPS = ("BATCH_MATMUL",)  # int8 weights dequantized to float at load
+ELEMENTWISE_OPS = ("MUL", "ADD", "SUB", "CONCATENATION")  # int8 only where they hold a weight
+MIN_WEIGHT_ELEMENTS = 1024  # a constant this big is a weight (SS2D's A), not a scalar
 
 
 def module_regex(module_path: str) -> str:
@@ -122,7 +131,13 @@ def quantize_static(
 
     q = _quantizer(fp32_path)
     for regex in _scopes(fp32_path, only):
-        q.add_static_config(regex, TFLOperationName.ALL_SUPPORTED, 8, 8, _granularity(per_channel))
+        for op in STATIC_OPS:
+            q.add_static_config(regex, TFLOperationName(op), 8, 8, _granularity(per_channel))
+        for op in WEIGHT_ONLY_OPS:
+            q.add_weight_only_config(regex, TFLOperationName(op), 8, _granularity(per_channel))
+    if only is None:  # per-layer trials (`only`) measure the weight layers
+        for op, scope in weighted_elementwise(fp32_path):
+            q.add_static_config(scope, TFLOperationName(op), 8, 8, _granularity(False))
     for io_op in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):  # float32 in, float32 out
         q.update_quantization_recipe(".*", io_op, None, AlgorithmName.NO_QUANTIZE)
     key, name = signature_input(fp32_path)
@@ -143,6 +158,23 @@ def const_lhs_matmuls(path: Path) -> list[str]:
         "(^|;)" + re.escape(names[op["outputs"][0]]) + ";"
         for op in ops
         if op["op_name"] == "BATCH_MATMUL" and op["inputs"][0] not in computed
+    ]
+
+
+def weighted_elementwise(path: Path) -> list[tuple[str, str]]:
+    """(op name, scope) of the elementwise ops with a weight-sized constant input (SS2D's A, which
+    litert-torch stores twice: in `dt * A` and in a CONCATENATION feeding the chunk decays)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    computed = {t for op in ops for t in op["outputs"]} | {d["index"] for d in interpreter.get_input_details()}
+    return [
+        (op["op_name"], "(^|;)" + re.escape(details[op["outputs"][0]]["name"]) + ";")
+        for op in ops
+        if op["op_name"] in ELEMENTWISE_OPS
+        and any(i >= 0 and i not in computed and np.prod(details[i]["shape"]) >= MIN_WEIGHT_ELEMENTS for i in op["inputs"])
     ]
 
 

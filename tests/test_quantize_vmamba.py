@@ -1,0 +1,99 @@
+"""The `quantize` pass on the trained digits VMamba: weight ops int8, the selective scan float."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeopt.artifact import ModelArtifact, ModelSource
+from edgeopt.data import load_dataset
+from edgeopt.errors import InputError
+from edgeopt.models import build_model
+from edgeopt.passes import PassContext, make_pass
+from edgeopt.passes.quantize import QuantizeConfig, resolved
+from edgeopt.profiles import load_profile
+
+CHECKPOINT = Path("targets/checkpoints/digits-vmamba.safetensors")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_dataset("digits", size=32)
+
+
+def run_pass(options: dict, splits, tmp_path: Path, profile: str = "x86-cpu") -> tuple[ModelArtifact, dict]:
+    art = ModelArtifact("torch", CHECKPOINT, ModelSource("digits-vmamba"), (1, 32, 32))
+    art = art.with_module(build_model("digits-vmamba", checkpoint=CHECKPOINT), tmp_path / "w.safetensors")
+    step = tmp_path / "step"
+    step.mkdir()
+    ctx = PassContext(splits=splits, profile=load_profile(profile), step_dir=step, history=[art])
+    return make_pass("quantize", {"calibration_samples": 64, **options}).run(art, ctx), ctx.metrics
+
+
+def test_onnx_static_quantizes_weights_and_leaves_the_scan_float(splits, tmp_path):
+    import onnx
+
+    out, metrics = run_pass({"format": "onnx", "mode": "static"}, splits, tmp_path)
+    assert metrics["size_ratio"] >= 2.3 and metrics["accuracy_drop"] <= 1.0, metrics
+    graph = onnx.load(str(out.path)).graph
+    int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    # every projection weight (x_proj on the MatMul's left, in/out_proj on its right) and the scan's A are int8
+    matmul_weights = [dequantized.get(i) for n in graph.node if n.op_type == "MatMul" for i in n.input]
+    assert sum(w in int8 for w in matmul_weights) == 8
+    # the scan's exponentials see float inputs: no Q/DQ around elementwise math
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    exps = [n for n in graph.node if n.op_type == "Exp"]
+    assert exps and all(producers.get(n.input[0]) != "DequantizeLinear" for n in exps)
+    floats = sum(np.prod(i.dims) * 4 for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    assert floats < 30_000  # what stays float: norms, biases, scales
+
+
+def test_tflite_static_keeps_accuracy_with_weight_only_projections(splits, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    out, metrics = run_pass({"format": "tflite", "mode": "static"}, splits, tmp_path)
+    assert metrics["size_ratio"] >= 1.85 and metrics["accuracy_drop"] <= 1.0, metrics
+    interpreter = Interpreter(model_path=str(out.path))
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    by_output = {t: op for op in ops for t in op["outputs"]}
+    computed = set(by_output) | {d["index"] for d in interpreter.get_input_details()}
+    big_float_constants = [
+        details[i]["name"] for op in ops for i in op["inputs"]
+        if i >= 0 and i not in computed and details[i]["dtype"] == np.float32 and np.prod(details[i]["shape"]) >= 1024
+    ]
+    assert not big_float_constants  # projections, convs and the scan's A (stored twice) are all int8
+    for op in ops:
+        if op["op_name"] == "BATCH_MATMUL":  # int8 weight dequantized at load, float activations
+            assert details[op["inputs"][1]]["dtype"] == np.float32 and details[op["outputs"][0]]["dtype"] == np.float32
+            assert by_output[op["inputs"][0]]["op_name"] == "DEQUANTIZE"
+        if op["op_name"] == "FULLY_CONNECTED":
+            assert details[op["inputs"][1]]["dtype"] == np.int8
+
+
+@pytest.mark.parametrize(
+    ("profile", "mode", "fmt", "mixed"),
+    [("rpi5", "static", "auto", True), ("x86-cpu", "static", "auto", True), ("jetson-orin-nano", "fp16", "onnx", False),
+     ("jetson-agx-orin", "fp16", "onnx", False)],
+)
+def test_mode_auto_follows_the_profile_precision(profile, mode, fmt, mixed):
+    cfg = resolved(QuantizeConfig(mode="auto"), load_profile(profile))
+    assert (cfg.mode, cfg.format, cfg.mixed_precision) == (mode, fmt, mixed)
+    assert resolved(QuantizeConfig(mode="dynamic"), load_profile(profile)).mode == "dynamic"
+
+
+def test_mode_auto_on_an_fp32_profile_is_a_one_line_error(splits, tmp_path, root):
+    fp32_profile = tmp_path / "fp32-host.yaml"
+    fp32_profile.write_text(
+        (root / "profiles" / "x86-cpu.yaml").read_text().replace("name: x86-cpu", "name: fp32-host")
+        .replace("default_precision: int8", "default_precision: fp32")
+    )
+    with pytest.raises(InputError, match="profile 'fp32-host' wants fp32.*drop the quantize pass") as err:
+        run_pass({"mode": "auto"}, splits, tmp_path, profile=str(fp32_profile))
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "step").iterdir())
+    with pytest.raises(InputError, match="fp16.*onnx only"):
+        resolved(QuantizeConfig(format="tflite", mode="auto"), load_profile("jetson-orin-nano"))
