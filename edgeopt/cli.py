@@ -168,24 +168,24 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
     timing = {"runs": runs, "min_seconds": min_seconds, "warmup": warmup}
     runner = None  # the device's own runner (ssh), or local without a device
     if artifact.is_dir():
-        result = profile_bundle(artifact, runner=runner, device=device, **timing)
+        result = profile_bundle(artifact, runner=runner, device=device, threads=threads, **timing)
     else:
         if not artifact.is_file():
             raise InputError(f"artifact not found: {artifact}")
         if recipe is None:
             raise InputError("profiling a model file needs --recipe (its eval split gives the accuracy)")
         from edgeopt.data import load_dataset
-        from edgeopt.exporters import FORMAT_RUNTIME
+        from edgeopt.profiler.bundle import MODEL_SUFFIXES
         from edgeopt.recipes import load_recipe
 
-        fmt = artifact.suffix.lstrip(".")
-        if fmt not in FORMAT_RUNTIME:
+        runtime = next((r for r, suffixes in MODEL_SUFFIXES.items() if artifact.suffix in suffixes), None)
+        if runtime is None:
             raise InputError(f"unknown model format '{artifact.suffix}' (expected .onnx, .tflite or .engine)")
         loaded = load_recipe(recipe)
         split = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval
         threads = threads or load_profile(profile_name).threads
         with tempfile.TemporaryDirectory() as work:
-            result = profile_model(artifact, FORMAT_RUNTIME[fmt], split.x.numpy(), split.y.numpy(), threads=threads,
+            result = profile_model(artifact, runtime, split.x.numpy(), split.y.numpy(), threads=threads,
                                    work_dir=Path(work), runner=runner, device=device, **timing)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -206,14 +206,13 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
 def report_cmd(run_dir: Path) -> None:
     """Show the report of RUN_DIR and rewrite its report.html, with device results from
     `edgeopt devices profile` (RUN_DIR/profile/*.json) when there are any."""
-    import json
-
+    from edgeopt.fileio import read_json
     from edgeopt.report import load_report
     from edgeopt.report_html import write_html
 
     report = load_report(run_dir)
     print_report(report)
-    devices = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "profile").glob("*.json")) if p.stem != "all"}
+    devices = {p.stem: read_json(p) for p in sorted((run_dir / "profile").glob("*.json")) if p.stem != "all"}
     console.print(f"wrote {write_html(run_dir, report, devices)}")
 
 

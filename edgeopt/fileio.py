@@ -27,6 +27,18 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file, or a one-line InputError naming it."""
+    from edgeopt.errors import InputError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: malformed JSON (line {exc.lineno}): {exc.msg}") from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

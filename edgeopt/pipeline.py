@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from edgeopt.errors import InputError
 from edgeopt.evaluate import artifact_outputs, count_params, size_mb, top1_accuracy
 from edgeopt.exporters import FORMAT_RUNTIME, SUFFIX, export
 from edgeopt.fileio import write_json
-from edgeopt.models import build_model
+from edgeopt.models import build_model, resolve_factory
 from edgeopt.passes import Pass, PassContext, make_pass
 from edgeopt.passes.export import host_format
 from edgeopt.profiles import Budgets, Profile
@@ -110,6 +111,7 @@ class Pipeline:
                 "previous": previous.metrics["key"],
                 "input": _file_hash(previous.artifact.path),
                 "pass": name,
+                "pass_code": _source_hash(type(the_pass)),
                 "config": config,
                 # passes that never read the profile share their output across profiles
                 "profile": self.profile.model_dump(mode="json") if the_pass.uses_profile else None,
@@ -193,20 +195,25 @@ class Pipeline:
     # -- the shared, content-addressed step cache ---------------------------
     @property
     def cache_dir(self) -> Path:
-        return self.run_dir.parent / ".cache"
+        return self.run_dir.parent / ".edgeopt-cache"
 
     def _to_shared_cache(self, key: str, step_dir: Path, artifact: ModelArtifact, pass_metrics: dict[str, Any],
                          wall: float) -> None:
         entry = self.cache_dir / key
         if entry.exists():
             return
-        tmp = self.cache_dir / f".{key}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(step_dir, tmp, ignore=shutil.ignore_patterns(MANIFEST, "profiled"))
-        record = {"artifact": artifact.to_json(), "relative": str(artifact.path.relative_to(step_dir)),
-                  "pass": pass_metrics, "wall_s": wall}
-        write_json(tmp / "entry.json", record)
-        os.replace(tmp, entry)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.cache_dir))  # unique: runs may race
+        try:
+            shutil.copytree(step_dir, tmp, ignore=shutil.ignore_patterns(MANIFEST, "profiled"), dirs_exist_ok=True)
+            record = {"artifact": artifact.to_json(), "relative": str(artifact.path.relative_to(step_dir)),
+                      "pass": pass_metrics, "wall_s": wall}
+            write_json(tmp / "entry.json", record)
+            os.replace(tmp, entry)
+        except OSError:
+            pass  # another run stored the same entry first; ours was only a copy
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _from_shared_cache(self, key: str, step_dir: Path) -> tuple[ModelArtifact, dict[str, Any], float] | None:
         entry = self.cache_dir / key
@@ -233,7 +240,7 @@ class Pipeline:
             "format": artifact.format,
             "precision": artifact.precision,
             "size_mb": size_mb(artifact.path),
-            "accuracy": top1_accuracy(artifact_outputs(artifact, eval_x, self.profile.threads), eval_y),
+            "accuracy": top1_accuracy(artifact_outputs(artifact, eval_x, self.threads), eval_y),
         }
         if artifact.format == TORCH:
             module = artifact.load_module()
@@ -269,7 +276,7 @@ class Pipeline:
         """Step directories an earlier version of the recipe left behind would mislead."""
         current = {s.dir.name for s in steps}
         for path in self.run_dir.glob("[0-9][0-9]-*"):
-            if path.is_dir() and path.name not in current:
+            if path.is_dir() and path.name not in current and (path / MANIFEST).is_file():
                 shutil.rmtree(path)
 
     @property
@@ -283,6 +290,7 @@ class Pipeline:
     def _write_bundle(self, final: StepResult, splits: Splits) -> None:
         """The deployable bundle of the final artifact, for `make deploy` / `edgeopt devices profile`."""
         if final.artifact.format == TORCH:
+            shutil.rmtree(self.run_dir / "bundle", ignore_errors=True)  # never ship an older recipe's model
             return
         from edgeopt.profiler.bundle import make_bundle
 
@@ -297,7 +305,8 @@ class Pipeline:
 
     def _data_key(self) -> dict[str, Any]:
         return {"dataset": self.recipe.dataset.model_dump(mode="json"), "seed": self.recipe.seed,
-                "code": code_version()}
+                "code": code_version(), "model_code": _source_hash(resolve_factory(self.recipe.model.name)),
+                "toolchain": toolchain_versions()}
 
     def _measure_key(self) -> dict[str, Any]:
         return {"profile": self.profile.model_dump(mode="json"), "runner": [self.runner, self.device],
@@ -348,6 +357,29 @@ def code_version() -> str:
         digest.update(str(path.relative_to(package)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@functools.cache
+def toolchain_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "onnx", "onnxruntime", "onnxscript", "litert-torch", "ai-edge-litert", "ai-edge-quantizer"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _source_hash(obj: Any) -> str | None:
+    """Hash of the file defining `obj` (a user's `module:factory` or a plugin pass)."""
+    import inspect
+
+    try:
+        return _file_hash(Path(inspect.getsourcefile(obj)))
+    except (TypeError, OSError):
+        return None
 
 
 def _read_manifest(step_dir: Path) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edgeopt.errors import InputError
 from edgeopt.profiles import Budgets
 from edgeopt.yamlio import load_model_yaml
 
@@ -35,7 +36,7 @@ class Step(_Strict):
 
 
 class Recipe(_Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="also the run directory's name")
     description: str = ""
     model: ModelSpec
     dataset: DatasetSpec
@@ -62,7 +63,14 @@ class Recipe(_Strict):
 
 
 def load_recipe(path: Path) -> Recipe:
+    from edgeopt.errors import unknown_name
+    from edgeopt.profiles import profile_paths
+
     recipe = load_model_yaml(Path(path), Recipe)
+    known = profile_paths()
+    for profile in recipe.budgets:
+        if profile not in known:
+            raise InputError(f"{path}: budgets: {unknown_name('profile', profile, known)}")
     if recipe.model.checkpoint is not None and not recipe.model.checkpoint.is_absolute():
         # checkpoints are relative to the repository root (the recipe's parent's parent) or the CWD
         for base in (Path(path).resolve().parent.parent, Path.cwd()):

@@ -49,7 +49,7 @@ class Registry(Generic[T]):
                 continue
             try:
                 self._items[ep.name] = ep.load()
-            except Exception as exc:  # a broken plugin must not break the tool
+            except Exception as exc:  # say which plugin is broken, in one line
                 raise InputError(
                     f"plugin {self.kind} '{ep.name}' ({ep.value}) failed to load: {exc}"
                 ) from exc

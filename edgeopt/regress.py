@@ -12,15 +12,15 @@ latency and memory only when the profile's architecture is this host's.
 from __future__ import annotations
 
 import importlib.util
-import json
 import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeopt.errors import InputError
 from edgeopt.exporters import FORMAT_RUNTIME
-from edgeopt.fileio import write_json
+from edgeopt.fileio import read_json, write_json
 from edgeopt.passes.export import host_format
 from edgeopt.pipeline import Pipeline, StepResult, Timing, budgets_for, verdict
 from edgeopt.profiles import Profile, load_profile_file, profile_paths
@@ -90,12 +90,22 @@ def run_regression(
     only_profiles: list[str] | None = None,
     notify=lambda message: None,
 ) -> tuple[list[Check], dict[str, dict[str, float]]]:
-    baselines = json.loads(baselines_path.read_text()) if baselines_path.is_file() else {}
+    baselines = read_json(baselines_path) if baselines_path.is_file() else {}
+    profiles = runnable_profiles()
+    unknown = set(only_profiles or ()) - {p.name for p in profiles}
+    if unknown:
+        raise InputError(f"profile(s) {', '.join(sorted(unknown))} unknown or not runnable on this host "
+                         f"(runnable: {', '.join(p.name for p in profiles)})")
+    recipes = [load_recipe(path) for path in sorted(targets.glob("*.yaml"))]
+    if not recipes:
+        raise InputError(f"no recipes (*.yaml) in {targets}")
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise InputError(f"two recipes in {targets} share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")
     measured_all: dict[str, dict[str, float]] = {}
     checks: list[Check] = []
-    for recipe_path in sorted(targets.glob("*.yaml")):
-        recipe = load_recipe(recipe_path)
-        for profile in runnable_profiles():
+    for recipe in recipes:
+        for profile in profiles:
             if only_profiles and profile.name not in only_profiles:
                 continue
             key = f"{recipe.name}@{profile.name}"

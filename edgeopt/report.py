@@ -60,14 +60,13 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> None:
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
-    import json
-
     from edgeopt.errors import InputError
+    from edgeopt.fileio import read_json
 
     path = Path(run_dir) / REPORT_JSON
     if not path.is_file():
         raise InputError(f"no {REPORT_JSON} in {run_dir}: run `edgeopt optimize` first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 TABLE_COLUMNS = ["step", "format", "params", "size MB", "top-1 %", "Δ pts", "p50 ms", "p90 ms", "speedup", "peak MB"]

@@ -123,3 +123,29 @@ def test_profiles_and_passes_listing(cli_runner):
     assert shown.exit_code == 0 and "Cortex-A76" in shown.output
     listed = cli_runner.invoke(cli, ["passes", "list"])
     assert listed.exit_code == 0 and "lowrank" in listed.output and "export" in listed.output
+
+
+def test_recipe_name_cannot_escape_the_runs_directory(cli_runner, root, tmp_path):
+    recipe = _recipe(root, tmp_path, name="../../escape")
+    _assert_input_error(cli_runner.invoke(cli, ["optimize", str(recipe), "--profile", "x86-cpu"]), "field 'name'")
+
+
+def test_budget_for_unknown_profile_is_rejected(cli_runner, root, tmp_path):
+    recipe = _recipe(root, tmp_path, budgets={"rpi-5": {"max_latency_ms": 1}})
+    _assert_input_error(cli_runner.invoke(cli, ["optimize", str(recipe), "--profile", "x86-cpu"]), "did you mean 'rpi5'")
+
+
+def test_bad_dataset_arguments(cli_runner, root, tmp_path):
+    recipe = _recipe(root, tmp_path, dataset={"name": "digits", "kwargs": {"sise": 8}})
+    result = cli_runner.invoke(cli, ["optimize", str(recipe), "--profile", "x86-cpu", "--out", str(tmp_path / "r")])
+    _assert_input_error(result, "dataset 'digits' rejected its arguments")
+
+
+def test_malformed_report_json(cli_runner, tmp_path):
+    (tmp_path / "report.json").write_text("{not json")
+    _assert_input_error(cli_runner.invoke(cli, ["report", str(tmp_path)]), "malformed JSON")
+
+
+def test_regress_unknown_profile(cli_runner, root):
+    result = cli_runner.invoke(cli, ["regress", "--targets", str(root / "targets"), "--profile", "rpi6"])
+    _assert_input_error(result, "rpi6 unknown or not runnable")

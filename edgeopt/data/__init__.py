@@ -43,7 +43,13 @@ DATASETS: Registry[Callable[..., Splits]] = Registry("dataset", "edgeopt.dataset
 
 
 def load_dataset(name: str, **kwargs: Any) -> Splits:
-    return DATASETS.get(name)(**kwargs)
+    from edgeopt.errors import InputError
+
+    factory = DATASETS.get(name)
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"dataset '{name}' rejected its arguments: {exc}") from exc
 
 
 from edgeopt.data import digits as _digits  # noqa: E402,F401  (registers built-ins)

@@ -119,8 +119,11 @@ class QuantizePass(Pass):
                 if budget is None:
                     raise ExportError("quantize: mixed_precision needs max_accuracy_drop (in the pass or the profile budgets)")
                 candidates = [name for name in layers if name not in cfg.keep_float]
+                # the budget is tuned on the whole calibration split; eval stays held out for the report
+                tune_x, tune_y = ctx.splits.calib.x.numpy(), ctx.splits.calib.y.numpy()
                 mixed = select_float_layers(
-                    candidates, build, run, calib_x, torch_outputs(module, calib_x), eval_x, eval_y, float_accuracy, budget
+                    candidates, build, run, calib_x, torch_outputs(module, calib_x), tune_x, tune_y,
+                    accuracy(torch_outputs(module, tune_x), tune_y), budget
                 )
                 if mixed.drop > budget:
                     raise ExportError(

@@ -74,7 +74,8 @@ def select_float_layers(
     float_accuracy: float,
     max_accuracy_drop: float,
 ) -> MixedPrecision:
-    """Fewest most-sensitive layers in float that bring the eval top-1 drop within `max_accuracy_drop` points."""
+    """Fewest most-sensitive layers in float that bring the top-1 drop on (`eval_x`, `eval_y`) — the
+    calibration split, so the reported eval accuracy stays held out — within `max_accuracy_drop` points."""
     path = build(None, [])
     acc = accuracy(run(path, eval_x), eval_y)
     trials: list[dict[str, object]] = [{"kept_in_float": [], "accuracy": acc}]
