@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 import torch
+from timing import best_ms  # benchmarks/timing.py (the script's directory is on sys.path)
 from torch import nn
 
 from edgeopt.ops import selective_scan
@@ -38,16 +38,6 @@ def inputs(nstate: int, dim: int = 768, length: int = 3136, groups: int = 4) -> 
         torch.randn(dim, generator=g),
         torch.randn(dim, generator=g) - 3,
     )
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def main() -> None:

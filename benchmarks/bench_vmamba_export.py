@@ -17,18 +17,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from timing import best_ms  # benchmarks/timing.py (the script's directory is on sys.path)
 
 from edgeopt.models import build_model
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def parity(got: np.ndarray, want: np.ndarray) -> str:
