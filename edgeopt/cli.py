@@ -56,9 +56,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--profile", "profile_name", required=True, help="Hardware profile name (see `edgeopt profiles list`) or YAML path.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/<recipe>-<profile>].")
 @click.option("--device", help="Profile on this inventory device over SSH instead of locally.")
-@click.option("--runs", default=50, show_default=True, help="Timed runs per artifact.")
-@click.option("--min-seconds", default=1.0, show_default=True, help="Minimum timed duration per artifact.")
-@click.option("--warmup", default=10, show_default=True, help="Warm-up runs per artifact.")
+@click.option("--runs", default=50, type=click.IntRange(min=1), show_default=True, help="Timed runs per artifact.")
+@click.option("--min-seconds", default=1.0, type=click.FloatRange(min=0), show_default=True, help="Minimum timed duration per artifact.")
+@click.option("--warmup", default=10, type=click.IntRange(min=0), show_default=True, help="Warm-up runs per artifact.")
 def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | None, runs: int, min_seconds: float, warmup: int) -> None:
     """Run RECIPE's passes for a hardware profile, profile every step, and report.
 
@@ -149,12 +149,12 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
 @cli.command("profile")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe whose eval split gives accuracy (for a model file).")
-@click.option("--threads", default=None, type=int, help="Runtime threads [default: the profile's].")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="Runtime threads [default: the profile's].")
 @click.option("--profile", "profile_name", default="x86-cpu", show_default=True, help="Hardware profile (threads).")
 @click.option("--device", help="Inventory device to run on over SSH [default: this host].")
-@click.option("--runs", default=50, show_default=True)
-@click.option("--min-seconds", default=1.0, show_default=True)
-@click.option("--warmup", default=10, show_default=True)
+@click.option("--runs", default=50, type=click.IntRange(min=1), show_default=True)
+@click.option("--min-seconds", default=1.0, type=click.FloatRange(min=0), show_default=True)
+@click.option("--warmup", default=10, type=click.IntRange(min=0), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON result.")
 def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profile_name: str, device: str | None,
                 runs: int, min_seconds: float, warmup: int, as_json: bool) -> None:
@@ -225,8 +225,8 @@ def report_cmd(run_dir: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/regress"), show_default=True)
 @click.option("--update", is_flag=True, help="Rewrite the baselines with this run's figures.")
 @click.option("--profile", "only_profiles", multiple=True, help="Only these profiles [default: every one this host runs].")
-@click.option("--runs", default=30, show_default=True)
-@click.option("--min-seconds", default=0.5, show_default=True)
+@click.option("--runs", default=30, type=click.IntRange(min=1), show_default=True)
+@click.option("--min-seconds", default=0.5, type=click.FloatRange(min=0), show_default=True)
 def regress(targets: Path, baselines: Path, out: Path, update: bool, only_profiles: tuple[str, ...], runs: int,
             min_seconds: float) -> None:
     """Run every recipe for every profile this host can execute and compare with baselines.
@@ -242,7 +242,9 @@ def regress(targets: Path, baselines: Path, out: Path, update: bool, only_profil
         checks, measured = run_regression(targets, baselines, out, update, Timing(warmup=5, runs=runs, min_seconds=min_seconds),
                                           only_profiles=list(only_profiles) or None,
                                           notify=lambda message: (status.update(message), console.log(message)))
-    table = Table(title="regression check")
+    from edgeopt.regress import host_isa
+
+    table = Table(title=f"regression check on {host_isa()}")
     for column in ("recipe", "profile", "metric", "measured", "limit", "source", "verdict"):
         table.add_column(column)
     for c in checks:

@@ -149,3 +149,12 @@ def test_malformed_report_json(cli_runner, tmp_path):
 def test_regress_unknown_profile(cli_runner, root):
     result = cli_runner.invoke(cli, ["regress", "--targets", str(root / "targets"), "--profile", "rpi6"])
     _assert_input_error(result, "rpi6 unknown or not runnable")
+
+
+@pytest.mark.parametrize("args", [["profile", "m.onnx", "--runs", "0"], ["profile", "m.onnx", "--warmup", "-1"],
+                                  ["optimize", "r.yaml", "--profile", "x86-cpu", "--min-seconds", "-1"],
+                                  ["devices", "profile", "b", "--threads", "0"]])
+def test_timing_options_are_range_checked(cli_runner, args):
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 2
+    assert "is not in the range" in result.output

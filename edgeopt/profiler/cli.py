@@ -47,11 +47,11 @@ def run_bundle(run_dir: Path) -> Path:
 
 def _timing_options(fn: Any) -> Any:
     options = [
-        click.option("--runs", default=50, show_default=True, help="minimum timed runs"),
-        click.option("--min-seconds", default=1.0, show_default=True, help="minimum timed seconds"),
-        click.option("--max-seconds", default=150.0, show_default=True, help="stop timing after this long"),
-        click.option("--warmup", default=5, show_default=True, help="untimed warm-up runs"),
-        click.option("--threads", type=int, default=None, help="override the bundle's thread count"),
+        click.option("--runs", default=50, type=click.IntRange(min=1), show_default=True, help="minimum timed runs"),
+        click.option("--min-seconds", default=1.0, type=click.FloatRange(min=0), show_default=True, help="minimum timed seconds"),
+        click.option("--max-seconds", default=150.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="stop timing after this long"),
+        click.option("--warmup", default=5, type=click.IntRange(min=0), show_default=True, help="untimed warm-up runs"),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="override the bundle's thread count"),
     ]
     for option in reversed(options):
         fn = option(fn)
