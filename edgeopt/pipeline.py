@@ -294,13 +294,17 @@ class Pipeline:
             return
         from edgeopt.profiler.bundle import make_bundle
 
+        runtime = FORMAT_RUNTIME[final.artifact.format]
+        if runtime == "onnxruntime" and self.profile.runtimes[0] == "tensorrt":
+            runtime = "tensorrt"  # the Jetson's agent builds the engine from the ONNX on the device
         make_bundle(
             final.artifact.path,
-            FORMAT_RUNTIME[final.artifact.format],
+            runtime,
             splits.eval.x.numpy(),
             splits.eval.y.numpy(),
             self.run_dir / "bundle",
             threads=self.profile.threads,  # the bundle is for the device
+            precision=final.artifact.precision if runtime == "tensorrt" else None,
         )
 
     def _data_key(self) -> dict[str, Any]:

@@ -1,92 +1,81 @@
-"""ONNX → TensorRT engine, and running one (TensorRT 10 Python API; `pip install edgeopt[tensorrt]`).
+"""ONNX → TensorRT engine on a host with an NVIDIA GPU (`edgeopt export --format tensorrt`).
 
-Engines are specific to the GPU and TensorRT version that build them, so a
-Jetson profile ships the ONNX file and the device builds its engine there.
-int8 engines use explicit quantization: the ONNX must already carry Q/DQ nodes
-(the `quantize` pass, format onnx, mode static), TensorRT's calibrators being
-deprecated in 10.x. Device memory comes from torch.cuda (already a dependency)
-instead of pycuda / cuda-python.
+The build and run code lives in the device agent (`edgeopt/profiler/agent.py`):
+the agent is copied alone to a Jetson and builds engines there (engines are
+specific to the GPU and TensorRT version that build them), so it owns the one
+torch-free implementation, and this module only adapts it to edgeopt: InputError,
+atomic files, the host-side Q/DQ check and parity against PyTorch.
+Needs `pip install 'edgeopt[tensorrt]'` (tensorrt + cuda-python) and a GPU.
+UNTESTED ON HARDWARE: edgeopt's CI has no NVIDIA GPU; only the errors are tested.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from edgeopt.errors import InputError
 from edgeopt.fileio import write_with
+from edgeopt.profiler import agent
+from edgeopt.profiler.bundle import check_tensorrt_onnx
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "mixed"]
 
 
-def _tensorrt():
+def _agent(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call into the agent, turning its AgentError into edgeopt's one-line InputError."""
     try:
-        import tensorrt as trt
-    except ImportError:
-        raise InputError(
-            "TensorRT is not installed: build engines on the NVIDIA device (pip install 'edgeopt[tensorrt]')"
-        ) from None
-    return trt
+        return fn(*args)
+    except agent.AgentError as exc:
+        raise InputError(str(exc)) from None
+
+
+def require_tensorrt() -> None:
+    """One-line InputError unless tensorrt and cuda-python import here."""
+    _agent(agent.tensorrt_modules)
 
 
 def build_engine(
     onnx_path: Path, engine_path: Path, precision: Precision = "fp16", max_batch: int = 32, workspace_mb: int = 1024
 ) -> Path:
-    """Parse `onnx_path`, build a serialized engine with the precision flags, write it atomically."""
-    trt = _tensorrt()
-    onnx_bytes = Path(onnx_path).read_bytes()
-    if precision == "int8" and b"QuantizeLinear" not in onnx_bytes:
-        raise InputError("int8 TensorRT engines need a Q/DQ ONNX model: run the quantize pass (format onnx, mode static)")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise InputError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = tuple(tensor.shape)
-        if shape and shape[0] == -1:  # the exporters' dynamic batch dimension
-            rest = shape[1:]
-            profile.set_shape(tensor.name, (1, *rest), (1, *rest), (max_batch, *rest))
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise InputError(f"TensorRT failed to build an engine from {onnx_path} ({precision}); see its log above")
-    return write_with(Path(engine_path), lambda tmp: tmp.write_bytes(bytes(serialized)))
+    """Build a serialized engine (batch 1..max_batch) from `onnx_path` and write it atomically."""
+    require_tensorrt()
+    precision = check_tensorrt_onnx(Path(onnx_path), precision)
+    data = _agent(agent.build_engine, str(onnx_path), precision, 1, 1, max_batch, workspace_mb)
+    return write_with(Path(engine_path), lambda tmp: tmp.write_bytes(data))
 
 
 def run_engine(engine_path: Path, x: np.ndarray) -> np.ndarray:
-    """Run a single-input, single-output engine on `x` (one call, whole batch); returns the output."""
-    trt = _tensorrt()
-    import torch
+    """Run a single-input, single-output engine on `x` (one call, whole batch); returns float32."""
+    model = _agent(agent.TensorRTModel, str(engine_path), 1, {"batch_size": len(x)})
+    return np.asarray(_agent(model.run, np.asarray(x)), dtype=np.float32)
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise InputError(f"cannot load TensorRT engine {engine_path} (built for another GPU or TensorRT version?)")
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    dtype = {n: torch.from_numpy(np.zeros(0, trt.nptype(engine.get_tensor_dtype(n)))).dtype for n in names}
-    feed = torch.from_numpy(np.ascontiguousarray(x)).to("cuda", dtype[inputs[0]])
-    context.set_input_shape(inputs[0], tuple(feed.shape))
-    context.set_tensor_address(inputs[0], feed.data_ptr())
-    result = torch.empty(tuple(context.get_tensor_shape(outputs[0])), dtype=dtype[outputs[0]], device="cuda")
-    context.set_tensor_address(outputs[0], result.data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise InputError(f"TensorRT engine {engine_path} failed to run")
-    stream.synchronize()
-    return result.float().cpu().numpy()
+
+def build_engine_from_model(model: Any, example_input: Any, out: Path, precision: Precision = "fp16") -> Path:
+    """PyTorch → ONNX → engine at `out`, kept only if the engine agrees with PyTorch on `example_input`.
+
+    int8 needs a calibrated Q/DQ ONNX: build that from the quantize pass's file with `build_engine`.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise InputError(f"building from a PyTorch model supports fp32 and fp16, not {precision}: for int8 run "
+                         f"the quantize pass (format onnx, mode static) and build from its ONNX file")
+    require_tensorrt()  # before the slow ONNX export
+    from edgeopt.evaluate import torch_outputs
+    from edgeopt.exporters import export
+    from edgeopt.quantize import parity
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export("onnx", model, example_input, Path(tmp) / "model.onnx")
+        build_engine(onnx_path, out, precision, max_batch=max(32, len(example_input)))
+    x = np.asarray(example_input, dtype=np.float32)
+    try:
+        parity.check(torch_outputs(model, x), run_engine(out, x), "fp16", f"tensorrt {precision}")
+    except Exception:
+        out.unlink(missing_ok=True)
+        raise
+    return out

@@ -5,12 +5,15 @@ runs there with nothing but Python >= 3.9, numpy and the runtime: it must never
 import edgeopt or torch. Runtimes are imported lazily, so a device needs only the
 one its bundle uses.
 
-    python agent.py BUNDLE_DIR [--runs N --min-seconds S --warmup W --threads T]
+    python agent.py BUNDLE_DIR [--runs N --min-seconds S --warmup W --threads T --engine-cache DIR]
     python agent.py --facts        # device facts and installed runtimes only
 
 Timing follows TFLite's benchmark_model: warm-up runs, then timed runs until at
 least N runs *and* S seconds are done (capped by --max-seconds). Accuracy is top-1
 of the model's output over the whole eval set, batched as meta.json says.
+A tensorrt bundle may carry an ONNX model and a precision instead of an engine:
+the agent then builds the engine on this device with the tensorrt Python API and
+caches it (see `cached_engine`); that GPU path is untested on hardware.
 Failures print {"error": ..., "kind": ...} and exit 3, so the caller can tell a
 missing runtime from a crash. Hand-written because no library profiles a bundle
 this way on a bare device.
@@ -24,10 +27,12 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from importlib import metadata
@@ -161,7 +166,7 @@ def _os_threads() -> int | None:
 def _missing(runtime: str, package: str, exc: Exception) -> AgentError:
     return AgentError(
         "missing_runtime",
-        f"runtime '{runtime}' is not installed for {sys.executable} ({package}: {exc}); "
+        f"runtime '{runtime}' is not installed for {sys.executable} ({package}: {_one_line(exc)}); "
         f"run devices/setup-*.sh on the device",
     )
 
@@ -238,56 +243,261 @@ class TFLiteModel:
         return self.interp.get_tensor(self.output["index"])
 
 
-class TensorRTModel:
-    """A serialized TensorRT engine via the tensorrt + cuda-python APIs (Jetson).
+# ---------------------------------------------------------------- TensorRT engines
+#
+# One torch-free implementation of "ONNX -> engine -> run" for both ends: this
+# file is copied alone to a Jetson (engines only run on the GPU model and
+# TensorRT version that built them, so the device builds its own), and
+# edgeopt.exporters.tensorrt imports it for `edgeopt export --format tensorrt`.
+# UNTESTED ON HARDWARE: edgeopt's CI has no NVIDIA GPU; the code follows the
+# TensorRT 10 Python API and cuda-python 12. Off-GPU behaviour (the one-line
+# errors, the cache key) is tested.
 
-    Deliberately small and untested off-device: no Jetson or TensorRT exists in CI.
+TRT_PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+TRT_INSTALL = (
+    "on a Jetson: sudo apt install python3-libnvinfer (JetPack) and a venv made with --system-site-packages; "
+    "elsewhere: pip install tensorrt"
+)
+CUDA_PYTHON_INSTALL = "pip install 'cuda-python>=12,<13'"
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tensorrt_modules() -> tuple:
+    """(tensorrt, cudart) for building and running engines, or a one-line missing_runtime error."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as exc:
+        raise AgentError(
+            "missing_runtime",
+            f"runtime 'tensorrt' is not installed for {sys.executable} ({_one_line(exc)}): {TRT_INSTALL}; "
+            f"it also needs cuda-python ({CUDA_PYTHON_INSTALL}); devices/setup-jetpack.sh installs both",
+        ) from None
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except (ImportError, OSError):
+        try:
+            from cuda import cudart  # older cuda-python 12.x
+        except (ImportError, OSError) as exc:
+            raise AgentError(
+                "missing_runtime",
+                f"'cuda-python' (GPU buffers for the tensorrt runtime) is not installed for {sys.executable} "
+                f"({_one_line(exc)}): {CUDA_PYTHON_INSTALL}, or run devices/setup-jetpack.sh",
+            ) from None
+    return trt, cudart
+
+
+def _cuda(cudart, result, what: str):
+    """cuda-python calls return (error, *values): raise on an error, else return the value(s)."""
+    err, values = result[0], tuple(result[1:])
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise AgentError("cuda_error", f"{what} failed: {getattr(err, 'name', err)}")
+    return values[0] if len(values) == 1 else values
+
+
+def gpu_name(cudart) -> str:
+    """Name and compute capability of GPU 0, or a one-line error when CUDA sees no GPU."""
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as exc:  # a missing driver library can raise instead of returning an error code
+        err, count = _one_line(exc), 0
+    if err != cudart.cudaError_t.cudaSuccess or count < 1:
+        raise AgentError(
+            "missing_runtime",
+            f"no CUDA GPU is visible to {sys.executable} (cudaGetDeviceCount: {getattr(err, 'name', err)}, "
+            f"{count} devices): the tensorrt runtime needs an NVIDIA GPU with its driver (JetPack on a Jetson)",
+        )
+    prop = _cuda(cudart, cudart.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return f"{name.strip(chr(0)).strip()} sm_{prop.major}{prop.minor}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:40] or "x"
+
+
+def engine_cache_key(onnx_sha256: str, precision: str, trt_version: str, gpu: str, batch: tuple) -> str:
+    """File name of a cached engine. An engine is only valid for the GPU model and TensorRT
+    version that built it, and differs by ONNX file, precision and batch profile: all are keyed."""
+    parts = [onnx_sha256, precision, trt_version, gpu, [int(b) for b in batch]]
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+    return f"{precision}-trt{_slug(trt_version)}-{_slug(gpu)}-{digest}.engine"
+
+
+def build_engine(
+    onnx_path: str,
+    precision: str,
+    min_batch: int = 1,
+    opt_batch: int = 1,
+    max_batch: int = 32,
+    workspace_mb: int = 1024,
+) -> bytes:
+    """Serialized TensorRT engine for an ONNX file whose batch dimension may be dynamic.
+
+    fp16: FP16 kernels allowed (TensorRT keeps fp32 where faster or needed).
+    int8: explicit quantization, i.e. the ONNX carries symmetric int8 Q/DQ nodes (the
+    quantize pass, static mode), plus FP16 for the float rest; mixed: the same Q/DQ
+    but without FP16, so the layers kept float for accuracy stay fp32. UNTESTED ON HARDWARE.
+    """
+    if precision not in TRT_PRECISIONS:
+        raise AgentError("bad_bundle", f"unknown TensorRT precision '{precision}' (known: {', '.join(TRT_PRECISIONS)})")
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise AgentError("bad_args", f"batch profile must satisfy 1 <= min <= opt <= max, got "
+                                     f"{min_batch}, {opt_batch}, {max_batch}")
+    trt, cudart = tensorrt_modules()
+    gpu_name(cudart)  # a clear error before TensorRT's own on a GPU-less machine
+    with open(onnx_path, "rb") as f:
+        has_qdq = b"QuantizeLinear" in f.read()
+    if precision in ("int8", "mixed") and not has_qdq:
+        raise AgentError("bad_model", f"{onnx_path}: {precision} TensorRT engines need a Q/DQ ONNX model "
+                                      f"(quantize pass: format onnx, mode static)")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)  # implied in TensorRT 10
+    network = builder.create_network(0 if explicit is None else 1 << int(explicit))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.path.abspath(onnx_path)):  # from a path: finds external weight files
+        errors = "; ".join(_one_line(parser.get_error(i), 200) for i in range(parser.num_errors))
+        raise AgentError("bad_model", f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision in ("int8", "mixed"):
+        config.set_flag(trt.BuilderFlag.INT8)
+    profile, dynamic = builder.create_optimization_profile(), False
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tuple(tensor.shape)
+        if -1 in shape[1:]:
+            raise AgentError("bad_model", f"input '{tensor.name}' has dynamic dimensions {shape} beyond the "
+                                          f"batch; export the model with a fixed input shape")
+        if shape and shape[0] == -1:
+            rest = shape[1:]
+            profile.set_shape(tensor.name, (min_batch,) + rest, (opt_batch,) + rest, (max_batch,) + rest)
+            dynamic = True
+    if dynamic:
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise AgentError("build_failed", f"TensorRT could not build a {precision} engine from {onnx_path}; "
+                                         f"its log is on stderr")
+    return bytes(serialized)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".engine.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cached_engine(onnx_path: str, precision: str, batch_size: int, cache_dir: str) -> tuple:
+    """(engine path, facts): the engine from `cache_dir`, built and stored there on a miss.
+
+    The build is timed apart from the runtime's init, since a cache hit skips it.
+    An unwritable cache still profiles (engine in a temporary directory), with a warning.
+    """
+    trt, cudart = tensorrt_modules()
+    gpu = gpu_name(cudart)
+    batch = (1, batch_size, batch_size)  # the agent only runs batches of batch_size
+    key = engine_cache_key(_sha256(onnx_path), precision, trt.__version__, gpu, batch)
+    path = os.path.join(cache_dir, key)
+    facts = {"precision": precision, "gpu": gpu, "tensorrt": trt.__version__, "batch_profile": list(batch),
+             "cache_file": path, "cached": os.path.isfile(path), "build_ms": 0.0}
+    if facts["cached"]:
+        return path, dict(facts, size_bytes=os.path.getsize(path))
+    start = time.perf_counter()
+    data = build_engine(onnx_path, precision, *batch)
+    facts["build_ms"] = (time.perf_counter() - start) * 1000.0
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        _write_atomic(path, data)
+    except OSError as exc:
+        path = os.path.join(tempfile.mkdtemp(prefix="edgeopt-engine-"), key)
+        _write_atomic(path, data)
+        facts["cache_file"] = None
+        print(f"warning: engine cache {cache_dir} is not writable ({_one_line(exc)}); engine not cached",
+              file=sys.stderr)
+    return path, dict(facts, size_bytes=len(data))
+
+
+class TensorRTModel:
+    """A serialized TensorRT engine, fed through cuda-python device buffers (no torch, no pycuda).
+
+    UNTESTED ON HARDWARE: edgeopt's CI has no NVIDIA GPU; written against the
+    TensorRT 10 and cuda-python 12 APIs (name-based tensor I/O, execute_async_v3).
     """
 
     def __init__(self, path: str, threads: int, meta: dict) -> None:
-        try:
-            import tensorrt as trt
-            from cuda import cudart
-        except ImportError as exc:
-            raise _missing("tensorrt", "JetPack python3-libnvinfer + pip install cuda-python", exc) from None
+        trt, cudart = tensorrt_modules()
+        gpu_name(cudart)
         import numpy as np
 
-        self.np, self.cudart, self.version, self.providers = np, cudart, trt.__version__, ["TensorRT"]
-        logger = trt.Logger(trt.Logger.WARNING)
+        self.np, self.trt, self.cudart = np, trt, cudart
+        self.version, self.providers = trt.__version__, ["TensorRT"]
         with open(path, "rb") as f:
-            self.engine = trt.Runtime(logger).deserialize_cuda_engine(f.read())
+            self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(f.read())
         if self.engine is None:
-            raise AgentError("bad_model", f"TensorRT could not deserialize {path} (built for another GPU/version?)")
+            raise AgentError("bad_model", f"TensorRT could not deserialize {path} (built for another GPU or "
+                                          f"TensorRT version? delete it to rebuild)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        ins = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.input = meta.get("input_name") or ins[0]
-        self.output = meta.get("output_name") or outs[0]
-        self.trt = trt
+        mode = self.engine.get_tensor_mode
+        self.input = _pick([n for n in names if mode(n) == trt.TensorIOMode.INPUT], meta.get("input_name"),
+                           "input", str)
+        self.output = _pick([n for n in names if mode(n) == trt.TensorIOMode.OUTPUT], meta.get("output_name"),
+                            "output", str)
+        self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input)))
+        self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output)))
         self._buffers: dict = {}
-        _, self.stream = cudart.cudaStreamCreate()
+        self.stream = _cuda(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        shape = list(self.engine.get_tensor_shape(self.input))
+        shape[0] = int(meta.get("batch_size", 1)) if shape[0] == -1 else shape[0]
+        self._set_shape(tuple(shape))
+
+    def _set_shape(self, shape: tuple) -> None:
+        if not self.context.set_input_shape(self.input, shape):
+            raise AgentError("bad_model", f"the engine's input '{self.input}' does not accept shape {shape} "
+                                          f"(engine shape {tuple(self.engine.get_tensor_shape(self.input))}); "
+                                          f"make the bundle with a batch size the engine was built for")
+        self.shape = shape
+        self.out_shape = tuple(self.context.get_tensor_shape(self.output))
 
     def _device_buffer(self, name: str, nbytes: int) -> int:
-        if self._buffers.get(name, (0, 0))[1] < nbytes:
-            _, ptr = self.cudart.cudaMalloc(nbytes)
+        ptr, size = self._buffers.get(name, (None, 0))
+        if size < nbytes:
+            if ptr is not None:
+                _cuda(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
+            ptr = _cuda(self.cudart, self.cudart.cudaMalloc(nbytes), "cudaMalloc")
             self._buffers[name] = (ptr, nbytes)
-        return self._buffers[name][0]
+        return ptr
 
     def run(self, batch):
-        np, cudart, kind = self.np, self.cudart, self.cudart.cudaMemcpyKind
-        dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(self.input)))
-        batch = np.ascontiguousarray(batch.astype(dtype, copy=False))
-        self.context.set_input_shape(self.input, batch.shape)
-        out_shape = tuple(self.context.get_tensor_shape(self.output))
-        out = np.empty(out_shape, dtype=np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(self.output))))
-        d_in, d_out = self._device_buffer(self.input, batch.nbytes), self._device_buffer(self.output, out.nbytes)
-        cudart.cudaMemcpy(d_in, batch.ctypes.data, batch.nbytes, kind.cudaMemcpyHostToDevice)
-        self.context.set_tensor_address(self.input, d_in)
-        self.context.set_tensor_address(self.output, d_out)
-        self.context.execute_async_v3(self.stream)
-        cudart.cudaStreamSynchronize(self.stream)
-        cudart.cudaMemcpy(out.ctypes.data, d_out, out.nbytes, kind.cudaMemcpyDeviceToHost)
+        np, cudart = self.np, self.cudart
+        kind = cudart.cudaMemcpyKind
+        batch = np.ascontiguousarray(batch, dtype=self.in_dtype)
+        if batch.shape != self.shape:
+            self._set_shape(batch.shape)
+        out = np.empty(self.out_shape, self.out_dtype)
+        d_in = self._device_buffer(self.input, batch.nbytes)
+        d_out = self._device_buffer(self.output, out.nbytes)
+        self.context.set_tensor_address(self.input, int(d_in))
+        self.context.set_tensor_address(self.output, int(d_out))
+        _cuda(cudart, cudart.cudaMemcpyAsync(d_in, batch.ctypes.data, batch.nbytes, kind.cudaMemcpyHostToDevice,
+                                             self.stream), "copying the input to the GPU")
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise AgentError("crash", "TensorRT execute_async_v3 failed; its log is on stderr")
+        _cuda(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, kind.cudaMemcpyDeviceToHost,
+                                             self.stream), "copying the output from the GPU")
+        _cuda(cudart, cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return out
 
 
@@ -370,7 +580,10 @@ def _count_correct(model, eval_x, eval_y, batch_size: int) -> int:
     return correct
 
 
-def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warmup: int, threads: int | None) -> dict:
+def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warmup: int, threads: int | None,
+            engine_cache: str | None = None) -> dict:
+    """Profile a bundle. A tensorrt bundle with an ONNX model first gets its engine from
+    `engine_cache` (default: `engine-cache/` next to the bundle), building it on a miss."""
     baseline_rss = _rss_mb()
     meta_path = os.path.join(bundle, "meta.json")
     if not os.path.isfile(meta_path):
@@ -389,8 +602,17 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
     with np.load(os.path.join(bundle, meta.get("eval", "eval.npz"))) as data:
         eval_x, eval_y = data["x"], data["y"]
 
+    runtime_path, engine = model_path, None
+    if runtime == "tensorrt" and model_path.endswith(".onnx"):
+        precision = meta.get("precision")
+        if precision not in TRT_PRECISIONS:
+            raise AgentError("bad_bundle", f"meta.json precision must be one of {', '.join(TRT_PRECISIONS)} "
+                                           f"for a TensorRT ONNX bundle, got {precision!r}")
+        cache_dir = engine_cache or os.path.join(os.path.dirname(os.path.abspath(bundle)), "engine-cache")
+        runtime_path, engine = cached_engine(model_path, precision, batch_size, cache_dir)
+
     start = time.perf_counter()
-    model = RUNTIMES[runtime](model_path, threads, meta)
+    model = RUNTIMES[runtime](runtime_path, threads, meta)
     init_s = time.perf_counter() - start
 
     sample = next(_batches(eval_x, batch_size))[0]
@@ -399,7 +621,7 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
     times, elapsed = _time_runs(model, sample, runs, min_seconds, max_seconds)
     correct = _count_correct(model, eval_x, eval_y, batch_size)
 
-    return {
+    result = {
         "schema": SCHEMA,
         "runtime": runtime,
         "runtime_version": model.version,
@@ -419,6 +641,9 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
         "accuracy": {"top1": correct / len(eval_y), "correct": correct, "total": int(len(eval_y))},
         "device": device_facts(),
     }
+    if engine is not None:
+        result["engine"] = engine
+    return result
 
 
 def main(argv: list | None = None) -> int:
@@ -430,6 +655,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=150.0, help="stop timing after this long")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs")
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: meta.json)")
+    parser.add_argument("--engine-cache", default=None,
+                        help="TensorRT engine cache directory (default: engine-cache/ next to the bundle)")
     args = parser.parse_args(argv)
     try:
         if args.facts:
@@ -439,7 +666,8 @@ def main(argv: list | None = None) -> int:
         else:
             if args.runs < 1 or args.warmup < 0 or args.min_seconds < 0:
                 raise AgentError("bad_args", "--runs must be >= 1, --warmup and --min-seconds >= 0")
-            result = profile(args.bundle, args.runs, args.min_seconds, args.max_seconds, args.warmup, args.threads)
+            result = profile(args.bundle, args.runs, args.min_seconds, args.max_seconds, args.warmup, args.threads,
+                             args.engine_cache)
     except AgentError as exc:
         print(json.dumps({"error": str(exc), "kind": exc.kind}))
         return AGENT_ERROR_EXIT

@@ -5,6 +5,10 @@
     meta.json                    runtime, threads, batch size, tensor names, ids
     agent.py                     the device-side agent (stdlib + numpy + runtime)
 
+A `tensorrt` bundle normally carries the ONNX model plus its `precision`
+(fp32/fp16/int8/mixed) rather than an engine: engines only run on the GPU and
+TensorRT version that built them, so the agent builds one on the device.
+
 It is written to a temporary sibling directory and renamed into place, so a
 failure never leaves a half-written bundle that a device could pick up.
 """
@@ -23,8 +27,12 @@ import numpy as np
 from edgeopt.errors import InputError, unknown_name
 
 AGENT_PATH = Path(__file__).with_name("agent.py")
-MODEL_SUFFIXES = {"onnxruntime": (".onnx",), "tflite": (".tflite",), "tensorrt": (".engine", ".plan", ".trt")}
+MODEL_SUFFIXES = {"onnxruntime": (".onnx",), "tflite": (".tflite",), "tensorrt": (".engine", ".plan", ".trt", ".onnx")}
 BUNDLE_FORMAT = 1
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8", "mixed")  # = agent.TRT_PRECISIONS
+# int8 forms TensorRT cannot build: onnxruntime's dynamic quantization and QOperator format
+INTEGER_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
+               "QLinearAdd", "QLinearMul")
 
 
 def _sha256(path: Path) -> str:
@@ -35,17 +43,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _onnx_external_data(model_path: Path, runtime: str) -> list[Path]:
-    """Files an ONNX model keeps its weights in (e.g. `model.onnx.data`); they must travel with it."""
-    if runtime != "onnxruntime":
-        return []
+def _load_onnx(model_path: Path):
     import onnx
-    from onnx.external_data_helper import uses_external_data
 
     try:
-        model = onnx.load(str(model_path), load_external_data=False)
+        return onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for a corrupt file
         raise InputError(f"{model_path}: not a readable ONNX model ({exc})") from None
+
+
+def _onnx_external_data(model_path: Path) -> list[Path]:
+    """Files an ONNX model keeps its weights in (e.g. `model.onnx.data`); they must travel with it."""
+    if model_path.suffix != ".onnx":
+        return []
+    from onnx.external_data_helper import uses_external_data
+
+    model = _load_onnx(model_path)
     names = {
         entry.value
         for tensor in model.graph.initializer
@@ -57,6 +70,61 @@ def _onnx_external_data(model_path: Path, runtime: str) -> list[Path]:
         if Path(name).name != name:
             raise InputError(f"{model_path}: external data '{name}' must sit next to the model file")
     return [model_path.parent / name for name in sorted(names)]
+
+
+def check_tensorrt_onnx(model_path: Path, precision: str | None = None) -> str:
+    """The precision TensorRT will build `model_path` at, or a one-line error for what it cannot build.
+
+    Checked here because on the device it only shows after a slow parse, with a
+    cryptic message. TensorRT's int8 is explicit quantization: symmetric int8 Q/DQ
+    (zero point 0, no int32 bias). `precision` None means what the file holds:
+    Q/DQ → int8, fp16 weights → fp16, else fp32.
+    """
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    model = _load_onnx(model_path)
+    name = Path(model_path).name
+    ops = {node.op_type for node in model.graph.node}
+    integer_ops = sorted(ops.intersection(INTEGER_OPS))
+    if integer_ops:
+        raise InputError(f"{name}: TensorRT cannot build onnxruntime's integer int8 ops ({', '.join(integer_ops)}); "
+                         f"use static Q/DQ int8 (quantize mode static) or fp16")
+    has_qdq = bool(ops & {"QuantizeLinear", "DequantizeLinear"})
+    if precision is None:
+        has_fp16 = any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+        precision = "int8" if has_qdq else "fp16" if has_fp16 else "fp32"
+    if precision not in TENSORRT_PRECISIONS:
+        raise unknown_name("TensorRT precision", precision, TENSORRT_PRECISIONS)
+    if precision in ("int8", "mixed") and not has_qdq:
+        raise InputError(f"{name}: {precision} TensorRT engines need a Q/DQ ONNX model "
+                         f"(quantize pass: format onnx, mode static)")
+    if precision in ("fp32", "fp16") and has_qdq:
+        raise InputError(f"{name} has Q/DQ nodes, so TensorRT runs it as int8: use precision int8 or mixed, "
+                         f"not {precision}")
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        data = initializers.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and data is not None and data.data_type == TensorProto.INT32:
+            raise InputError(f"{name}: '{node.input[0]}' is an int32-quantized bias (DequantizeLinear "
+                             f"'{node.name}'); TensorRT takes int8 Q/DQ only: quantize with QuantizeBias: False")
+        zero = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zero is None or uses_external_data(zero):
+            continue
+        values = numpy_helper.to_array(zero)
+        if zero.data_type != TensorProto.INT8 or values.any():
+            kind = TensorProto.DataType.Name(zero.data_type).lower()
+            raise InputError(f"{name}: TensorRT supports only symmetric int8 Q/DQ, but {node.op_type} "
+                             f"'{node.name}' has {kind} zero point {values.ravel()[:3].tolist()}; quantize with "
+                             f"symmetric int8 activations (onnxruntime ActivationSymmetric: True)")
+    for tensor in model.graph.input:
+        dims = tensor.type.tensor_type.shape.dim[1:]
+        if tensor.name not in initializers and any(d.dim_param or d.dim_value <= 0 for d in dims):
+            raise InputError(f"{name}: input '{tensor.name}' is dynamic beyond the batch dimension; "
+                             f"TensorRT engines here need a fixed input shape")
+    return precision
 
 
 def _eval_arrays(eval_x: np.ndarray, eval_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,11 +152,14 @@ def make_bundle(
     output_name: str | None = None,
     providers: list[str] | None = None,
     extra_files: Iterable[Path] = (),
+    precision: str | None = None,
 ) -> Path:
     """Write a bundle for `model_path` to `out_dir` (replacing it) and return `out_dir`.
 
     `extra_files` travel next to the model (e.g. an ONNX external-data file);
     `providers` selects onnxruntime execution providers on the device (default CPU).
+    `precision` is what a tensorrt bundle with an ONNX model builds its engine at
+    (default: what the ONNX holds, see `check_tensorrt_onnx`); other bundles ignore it.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     if runtime not in MODEL_SUFFIXES:
@@ -101,7 +172,11 @@ def make_bundle(
         )
     if threads < 1 or batch_size < 1:
         raise InputError(f"threads and batch_size must be >= 1 (got {threads}, {batch_size})")
-    extras = [Path(p) for p in extra_files] + _onnx_external_data(model_path, runtime)
+    if runtime == "tensorrt" and model_path.suffix == ".onnx":
+        precision = check_tensorrt_onnx(model_path, precision)
+    else:
+        precision = None
+    extras = [Path(p) for p in extra_files] + _onnx_external_data(model_path)
     for extra in extras:
         if not extra.is_file():
             raise InputError(f"extra bundle file not found: {extra}")
@@ -133,6 +208,8 @@ def make_bundle(
             "threads": threads,
             "providers": providers,
         }
+        if precision is not None:
+            meta["precision"] = precision
         key = json.dumps({k: v for k, v in meta.items() if k != "source_model"}, sort_keys=True)
         meta["bundle_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
