@@ -22,8 +22,8 @@ from torch import nn
 
 from edgeopt.data import load_dataset
 from edgeopt.evaluate import parity, run_onnx, run_tflite, torch_outputs
-from edgeopt.exporters import export
 from edgeopt.exporters.onnx import export_onnx
+from edgeopt.exporters.tflite import export_tflite
 from edgeopt.models import build_model
 from edgeopt.passes.quantize import deployable_size_mb, quantize_file
 from edgeopt.quantize import quantizable_layers
@@ -132,9 +132,9 @@ def main() -> None:
         for fmt in args.formats:
             run = run_onnx if fmt == "onnx" else run_tflite
             example, fp32_path = torch.as_tensor(x[:2]), Path(work) / f"fp32.{fmt}"
-            # ONNX keeps the exporter's node → module metadata (keep_float and mixed precision read it);
-            # sizes are of the files as shipped, without it
-            fp32 = export_onnx(model, example, fp32_path, keep_metadata=True) if fmt == "onnx" else export(fmt, model, example, fp32_path)
+            # the exporters' node → module records (metadata, names) stay for keep_float and mixed
+            # precision; sizes are of the files as shipped, without them
+            fp32 = (export_onnx if fmt == "onnx" else export_tflite)(model, example, fp32_path, keep_metadata=True)
             base_ms = base_mb = None
             variants = VARIANTS[fmt] + (["mixed"] if args.mixed_budget >= 0 else [])
             for mode in variants:

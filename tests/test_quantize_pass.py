@@ -14,7 +14,9 @@ import edgeopt.passes.quantize  # noqa: F401  (registers the pass until it is a 
 from edgeopt.artifact import ModelArtifact, ModelSource
 from edgeopt.data import load_dataset
 from edgeopt.evaluate import run_onnx, run_tflite, torch_outputs
-from edgeopt.exporters import ExportError, export
+from edgeopt.exporters import ExportError
+from edgeopt.exporters.onnx import export_onnx
+from edgeopt.exporters.tflite import export_tflite
 from edgeopt.passes import PassContext, make_pass
 from edgeopt.profiles import load_profile
 from edgeopt.quantize.sensitivity import accuracy
@@ -147,7 +149,8 @@ def test_mixed_precision_keeps_sensitive_layer_in_float(fmt, cnn, splits, tmp_pa
     # the budget is tight: plain int8 misses it by far
     from edgeopt.passes.quantize import quantize_file
 
-    fp32 = export(fmt, model, torch.zeros(2, 1, 8, 8), tmp_path / f"fp32.{fmt}")
+    exporter = export_onnx if fmt == "onnx" else export_tflite
+    fp32 = exporter(model, torch.zeros(2, 1, 8, 8), tmp_path / f"fp32.{fmt}", keep_metadata=True)
     plain = quantize_file(fmt, "static", fp32, splits.calib.x.numpy()[:128], tmp_path / f"plain.{fmt}")
     assert float_acc - accuracy((run_onnx if fmt == "onnx" else run_tflite)(plain, x), y) > 5.0
 

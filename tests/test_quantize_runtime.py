@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgeopt.evaluate import parity, run_tflite
-from edgeopt.exporters import export
+from edgeopt.exporters.tflite import export_tflite
 from edgeopt.quantize import quantizable_layers, tflite_quant
 from edgeopt.quantize.op_location import runtime_rejection
 
@@ -38,7 +38,7 @@ class Net(nn.Module):
 def fp32(tmp_path_factory):
     torch.manual_seed(0)
     model = Net().eval()
-    path = export("tflite", model, torch.zeros(1, 64), tmp_path_factory.mktemp("rt") / "fp32.tflite")
+    path = export_tflite(model, torch.zeros(1, 64), tmp_path_factory.mktemp("rt") / "fp32.tflite", keep_metadata=True)
     return model, path
 
 

@@ -36,8 +36,10 @@ def test_onnx_static_quantizes_weights_and_leaves_the_scan_float(splits, tmp_pat
     import onnx
 
     out, metrics = run_pass({"format": "onnx", "mode": "static"}, splits, tmp_path)
-    assert metrics["size_ratio"] >= 2.3 and metrics["accuracy_drop"] <= 1.0, metrics
+    assert metrics["size_ratio"] >= 3.0 and metrics["accuracy_drop"] <= 1.0, metrics
     graph = onnx.load(str(out.path)).graph
+    # shipped without the exporter's debug records: no shape records, short names
+    assert not graph.value_info and max(len(n.name) for n in graph.node) <= 4
     int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
     dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     # every projection weight (x_proj on the MatMul's left, in/out_proj on its right) and the scan's A are int8
@@ -47,6 +49,14 @@ def test_onnx_static_quantizes_weights_and_leaves_the_scan_float(splits, tmp_pat
     producers = {o: n.op_type for n in graph.node for o in n.output}
     exps = [n for n in graph.node if n.op_type == "Exp"]
     assert exps and all(producers.get(n.input[0]) != "DequantizeLinear" for n in exps)
+    # weight-only int8 where ONNX Runtime has no integer kernel: x/dt projections (weight on the
+    # MatMul's left) and the scan's `dt * A` keep float activations
+    int8_weights = {out for out, src in dequantized.items() if src in int8}
+    left = [n for n in graph.node if n.op_type == "MatMul" and n.input[0] in int8_weights]
+    scaled = [n for n in graph.node if n.op_type == "Mul" and n.input[1] in int8_weights]
+    assert len(left) == 4 and len(scaled) == 4  # x/dt projections and dt * A, chunk totals * A, per block
+    activations = [n.input[1] for n in left] + [n.input[0] for n in scaled]
+    assert all(producers.get(a) != "DequantizeLinear" for a in activations)
     floats = sum(np.prod(i.dims) * 4 for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
     assert floats < 30_000  # what stays float: norms, biases, scales
 
@@ -55,9 +65,13 @@ def test_tflite_static_keeps_accuracy_with_weight_only_projections(splits, tmp_p
     from ai_edge_litert.interpreter import Interpreter
 
     out, metrics = run_pass({"format": "tflite", "mode": "static"}, splits, tmp_path)
-    assert metrics["size_ratio"] >= 1.85 and metrics["accuracy_drop"] <= 1.0, metrics
+    assert metrics["size_ratio"] >= 2.4 and metrics["accuracy_drop"] <= 1.0, metrics
     interpreter = Interpreter(model_path=str(out.path))
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    # shipped without litert-torch's tensor names, but the model's input and output keep theirs
+    io = {d["index"] for d in [*interpreter.get_input_details(), *interpreter.get_output_details()]}
+    assert all(d["name"] for i, d in details.items() if i in io)
+    assert not any(d["name"] for i, d in details.items() if i not in io)
     ops = interpreter._get_ops_details()
     by_output = {t: op for op in ops for t in op["outputs"]}
     computed = set(by_output) | {d["index"] for d in interpreter.get_input_details()}

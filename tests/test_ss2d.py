@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -34,6 +36,21 @@ def test_ss2d_default_backend_matches_reference_loop():
     want = SS2D.forward(_with_backend(block, "reference"), x)
     got = SS2D.forward(_with_backend(block, None), x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("long_form", [False, True])
+def test_ss2d_chunked_scan_matches_reference_loop(long_form, monkeypatch):
+    """Both chunked forms: the few-node one for small scans (every exported digits graph) and the
+    step-by-step one that scans past `_VECTORIZE_MAX` (VMamba-T's 56x56 stage) take."""
+    if long_form:  # the module, not `edgeopt.ops.selective_scan` the function that shadows it
+        monkeypatch.setattr(importlib.import_module("edgeopt.ops.selective_scan"), "_VECTORIZE_MAX", 0)
+    torch.manual_seed(3)
+    block = SS2D(d_model=8, d_state=4)
+    x = torch.randn(2, 5, 7, 8)  # L = 35: six chunks of 6 tokens, the last one padded
+    want, want_h = SS2D.forward(_with_backend(block, "reference"), x, return_states=True)
+    got, got_h = SS2D.forward(_with_backend(block, "chunked"), x, return_states=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-4, atol=1e-5)
 
 
 def _with_backend(block: SS2D, backend: str | None) -> SS2D:

@@ -48,15 +48,46 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, keep_
 
 
 def strip_debug_metadata(path: Path) -> None:
-    """Drop per-node and per-value metadata in place; the graph and weights are unchanged."""
+    """Drop the exporter's debug records in place: per-node and per-value metadata, intermediate
+    shape records (`value_info`: runtimes infer them at load) and long names (`shorten_names`).
+    The computation and weights are unchanged. On digits-vmamba (86 k parameters) shape records
+    and names are 6% of the fp32 file and 21% of the int8 one, so they decide its size ratio."""
     import onnx
 
     proto = onnx.load(str(path))
+    del proto.graph.value_info[:]
     for node in proto.graph.node:
         del node.metadata_props[:]
-    for value in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output, *proto.graph.initializer]:
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.initializer]:
         del value.metadata_props[:]
+    shorten_names(proto.graph)
     onnx.save(proto, str(path))
+
+
+def shorten_names(graph) -> None:  # noqa: ANN001 (onnx.GraphProto; onnx is imported lazily)
+    """Rename nodes, initializers and intermediate values to short ids; the graph's inputs and
+    outputs keep their names. The exporter's names (`layers.1.blocks.0.op.x_proj_weight_quantized`,
+    `node_Split_329`) only serve debugging, like LiteRT's tensor names that its own tools strip.
+    A graph with subgraphs (If/Loop/Scan read outer names) is left as it is."""
+    if any(a.type in (a.GRAPH, a.GRAPHS) for node in graph.node for a in node.attribute):
+        return
+    keep = {v.name for v in [*graph.input, *graph.output]}
+    ids = (f"{i:x}" for i in range(1 << 62))
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            names[name] = next(i for i in ids if i not in keep)
+        return names[name]
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for index, node in enumerate(graph.node):
+        node.name = f"n{index:x}"
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Mamba's selective scan with three backends: reference loop, chunked (CPU/export), CUDA kernel.
+"""Mamba's selective scan with four backends: reference loop, chunked (export/training),
+fused CPU kernel (eager inference, `edgeopt.ops.scan_kernel`), CUDA kernel.
 
 Semantics are mamba-ssm's `selective_scan_ref`. Shapes: u, delta, z (B, D, L); A (D, N);
 B, C (B, N, L) or grouped (B, G, N, L) where channel d uses group d // (D // G); D, delta_bias (D,)::
@@ -16,6 +17,11 @@ start states and reads out y. Every step multiplies by decays <= 1, so it is as 
 the loop (no exp of positive cumulative sums), and every op works on cache-sized slices.
 Cost: about 2x the loop's arithmetic and 2 x (B, D, L, N) floats of decays/inputs held
 between the passes, for ~sqrt(L) sequential steps instead of L.
+
+That memory traffic bounds the chunked scan in eager mode, so eager CPU inference (no
+autograd, nothing tracing or exporting) runs the fused numba kernel instead: one pass over L
+per channel with the state in cache. It is opaque to autograd and tracers, so training and
+every exported graph (ONNX, TFLite, torch.export) keep the chunked formulation.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from edgeopt.errors import unknown_name
+from edgeopt.ops.scan_kernel import fused_allowed, fused_scan
 
-BACKENDS = ("reference", "chunked", "cuda")
+BACKENDS = ("reference", "chunked", "fused", "cuda")
 # elements of one sample's (D, L, N) up to which all steps are computed at once; the batch size
 # stays out of the decision so an export with a dynamic batch does not guard on it
 _VECTORIZE_MAX = 1 << 22
@@ -50,12 +57,22 @@ def selective_scan(
     """Selective scan; with `return_states` also every hidden state, (B, D, L, N) float32.
 
     `backend=None` picks "cuda" for CUDA tensors when mamba_ssm is importable (and no states
-    are requested; the kernel does not return them), else "chunked".
+    are requested; the kernel does not return them), "fused" for eager CPU inference (no
+    autograd, nothing tracing or exporting), else "chunked" (training and exported graphs).
     """
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
     if backend is None:
-        backend = "cuda" if (u.is_cuda and not return_states and _mamba_kernel() is not None) else "chunked"
+        if u.is_cuda and not return_states and _mamba_kernel() is not None:
+            backend = "cuda"
+        else:
+            backend = "fused" if fused_allowed(*tensors) else "chunked"
     if backend not in BACKENDS:
         raise unknown_name("selective-scan backend", backend, BACKENDS)
+    if backend == "fused":
+        if not fused_allowed(*tensors):
+            raise ValueError("the fused kernel runs only on CPU without autograd or tracing; use backend='chunked'")
+        out, states = fused_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_states)
+        return (out.to(u.dtype), states) if return_states else out.to(u.dtype)
     if backend == "cuda":
         if return_states:
             raise ValueError("the CUDA kernel does not return hidden states; use backend='chunked'")
@@ -152,6 +169,8 @@ def _chunked(
         u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
         B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
     dg = dim // groups
+    if dim * NC * T * nstate <= _VECTORIZE_MAX:
+        return _chunked_small(u, delta, A, B, C, want_states, T, length)
     # Layout (B, G, dg, NC, T, N): token l = chunk * T + step; every reshape below is a view,
     # and a step is a strided slice along T (no transposing copies).
     dt = delta.reshape(batch, groups, dg, NC, T, 1)
@@ -161,15 +180,9 @@ def _chunked(
     Ag = A.reshape(groups, dg, 1, 1, nstate)
 
     # Pass 1: every chunk from a zero state; keep each step's decay and input for pass 2.
-    # Small scans compute all steps' decays in one op (fewer ops and graph nodes); large ones
-    # step by step so each op stays in cache (one (B, D, L, N) op is memory-bound).
-    # Steps are split (not unbound) so the graph gets one Split node instead of T slices.
-    if dim * NC * T * nstate <= _VECTORIZE_MAX:
-        decays = torch.exp(dt * Ag).split(1, dim=4)
-        inputs = (du * Bt).split(1, dim=4)
-    else:
-        decays = [torch.exp(d * Ag) for d in dt.split(1, dim=4)]
-        inputs = [d * b for d, b in zip(du.split(1, dim=4), Bt.split(1, dim=4), strict=True)]
+    # Step by step so each op stays in cache (one (B, D, L, N) op is memory-bound).
+    decays = [torch.exp(d * Ag) for d in dt.split(1, dim=4)]
+    inputs = [d * b for d, b in zip(du.split(1, dim=4), Bt.split(1, dim=4), strict=True)]
     h = torch.zeros(batch, groups, dg, NC, 1, nstate, dtype=u.dtype, device=u.device)
     for t in range(T):
         h = torch.addcmul(inputs[t], decays[t], h)
@@ -193,6 +206,53 @@ def _chunked(
     states = None
     if want_states:
         states = torch.cat(hs, dim=4).reshape(batch, dim, NC * T, nstate)[:, :, :length]
+    return y, states
+
+
+def _chunked_small(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    want_states: bool,
+    T: int,
+    length: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked scan with few graph nodes, for scans whose (D, L, N) fits in cache.
+
+    Exported graphs pay per node (runtime dispatch, and every node's tensors and constants are
+    bytes in the file), so this form computes all steps' decays and inputs in one op each, starts
+    pass 1 from the first step's input and pass 2 from the carried states (no zero tensors, which
+    a dynamic-batch export builds from the input's shape), and reads out y once for all steps.
+    Layout (B, D, NC, T, N): 5-D, as LiteRT slices at most 5-D tensors (a 6-D step slice costs
+    two extra reshapes), and N last so a step's slice is contiguous. Inputs are padded to NC * T.
+    """
+    _, dim, padded = u.shape
+    groups, nstate = B.shape[1], A.shape[1]
+    dg, NC = dim // groups, padded // T
+    Bt, Ct = (m.reshape(-1, groups, nstate, NC, T).permute(0, 1, 3, 4, 2).unsqueeze(2) for m in (B, C))
+    A5 = A.reshape(dim, 1, 1, nstate)
+    dt = delta.reshape(-1, dim, NC, T, 1)
+    decays = torch.exp(dt * A5).split(1, 3)
+    inputs = ((delta * u).reshape(-1, groups, dg, NC, T, 1) * Bt).reshape(-1, dim, NC, T, nstate).split(1, 3)
+    h = None
+    if NC > 1:  # pass 1 (chunk end states from a zero start), then carry the true start states
+        h = inputs[0]
+        for t in range(1, T):
+            h = torch.addcmul(inputs[t], decays[t], h)
+        ends, totals = h.split(1, 2), torch.exp(dt.sum(3, keepdim=True) * A5).split(1, 2)
+        starts = [ends[0]]  # the state entering chunk c + 1
+        for c in range(1, NC - 1):
+            starts.append(torch.addcmul(ends[c], totals[c], starts[-1]))
+        h = F.pad(torch.cat(starts, dim=2), (0, 0, 0, 0, 1, 0))  # chunk 0 starts from zero
+    hs = []
+    for t in range(T):
+        h = inputs[t] if h is None else torch.addcmul(inputs[t], decays[t], h)
+        hs.append(h)
+    h = torch.cat(hs, dim=3)  # (B, D, NC, T, N)
+    y = (h.reshape(-1, groups, dg, NC, T, nstate) * Ct).sum(-1).reshape(-1, dim, padded)[:, :, :length]
+    states = h.reshape(-1, dim, padded, nstate)[:, :, :length] if want_states else None
     return y, states
 
 

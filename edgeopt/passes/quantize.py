@@ -23,8 +23,9 @@ from pydantic import Field, model_validator
 from edgeopt.artifact import TORCH, ModelArtifact
 from edgeopt.errors import InputError
 from edgeopt.evaluate import run_onnx, run_tflite, size_mb, torch_outputs
-from edgeopt.exporters import SUFFIX, ExportError, export
+from edgeopt.exporters import SUFFIX, ExportError
 from edgeopt.exporters.onnx import export_onnx, strip_debug_metadata
+from edgeopt.exporters.tflite import export_tflite, strip_tensor_names
 from edgeopt.passes import Pass, PassConfig, PassContext, register_pass
 from edgeopt.passes.export import host_format
 from edgeopt.profiles import Profile
@@ -35,14 +36,22 @@ from edgeopt.quantize.sensitivity import accuracy, select_float_layers
 RUNNERS = {"onnx": run_onnx, "tflite": run_tflite}
 
 
+def make_deployable(path: Path) -> Path:
+    """Drop the exporters' debug records that quantization needed (ONNX metadata and names,
+    TFLite tensor names) in place; the computation is unchanged."""
+    if path.suffix == ".onnx":
+        strip_debug_metadata(path)
+    elif path.suffix == ".tflite":
+        strip_tensor_names(path)
+    return path
+
+
 def deployable_size_mb(path: Path) -> float:
-    """Size of the file as shipped (ONNX without the exporter's debug metadata)."""
-    if path.suffix != ".onnx":
-        return size_mb(path)
-    stripped = path.with_name("stripped-" + path.name)
-    shutil.copy(path, stripped)
-    strip_debug_metadata(stripped)
-    return size_mb(stripped)
+    """Size of the file as shipped (`make_deployable`), measured on a copy."""
+    with tempfile.TemporaryDirectory() as work:
+        stripped = Path(work) / path.name
+        shutil.copy(path, stripped)
+        return size_mb(make_deployable(stripped))
 
 
 class QuantizeConfig(PassConfig):
@@ -101,10 +110,9 @@ class QuantizePass(Pass):
             example = artifact.example_input(2)
             try:
                 fp32_path = Path(work) / f"fp32{SUFFIX[fmt]}"
-                if fmt == "onnx":  # the quantizer maps nodes to modules through the exporter's metadata
-                    fp32 = export_onnx(module, example, fp32_path, keep_metadata=True)
-                else:
-                    fp32 = export(fmt, module, example, fp32_path)
+                # the quantizers map nodes to modules through the exporters' metadata and names
+                exporter = export_onnx if fmt == "onnx" else export_tflite
+                fp32 = exporter(module, example, fp32_path, keep_metadata=True)
             except ExportError as exc:
                 raise ExportError(with_module(str(exc), module, example)) from exc
             counter = iter(range(10**6))
@@ -134,8 +142,6 @@ class QuantizePass(Pass):
             precision = "fp16" if cfg.mode == "fp16" else "mixed" if keep_float else "int8"
             fp32_mb, n = deployable_size_mb(fp32), cfg.parity_samples
             build(None, mixed.keep_float if mixed else [], out)
-            if fmt == "onnx":
-                strip_debug_metadata(out)
             try:  # a file that does not load or drifts past the thresholds is not left behind
                 candidate = run(out, eval_x)
                 figures = parity.check(
@@ -146,6 +152,7 @@ class QuantizePass(Pass):
             except ExportError:
                 out.unlink(missing_ok=True)
                 raise
+            make_deployable(out)  # after the check: its worst-layer search matches names with fp32
 
         quant_accuracy = accuracy(candidate, eval_y)
         ctx.metrics.update(
