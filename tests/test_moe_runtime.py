@@ -130,3 +130,42 @@ def test_pinned_entries_are_not_evicted():
     cache.pinned.add((0, 2))
     assert not cache.put((0, 3), entry)  # everything pinned: not cached, budget kept
     assert cache.used == 80
+
+
+def test_prefetch_serves_its_layer_when_its_pool_cannot_keep_it(model_and_store):
+    """A zero-sized high-precision pool: the prefetched fp16 expert is used once, never read twice."""
+    _, store = model_and_store
+    lm = OffloadedLM(store, "hobbit", budget_fraction=0.5, high_fraction=0.0, prefetch_layers=1, t1=1.0, t2=1.0)
+    engine = lm.engine
+    x = torch.randn(1, CFG.d_model)
+    engine.run_experts(0, x, torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))
+    predicted = sorted(engine.predictions[1])
+    assert len(predicted) == 2 and engine.stats.prefetch_loads == 2
+    for fut in list(engine.inflight.values()):
+        fut.result()
+    demand = engine.stats.demand_loads
+    engine.run_experts(1, x, torch.tensor([predicted]), torch.tensor([[0.5, 0.5]]))
+    assert engine.stats.demand_loads == demand  # served by the prefetch, not read again
+    assert not any(k[0] == 1 for k in engine.inflight) and not engine.cache.high.entries
+    assert engine.stats.predicted_right == 2
+    lm.close()
+
+
+def test_tuning_chooses_the_pool_split_within_its_constraint():
+    from types import SimpleNamespace
+
+    from edgeopt.moe.bench import tune_hobbit
+    from edgeopt.moe.policy import get_policy, miss_penalty, tune_weights
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = [torch.randperm(6, generator=gen)[:2].tolist() for _ in range(200)]
+    trace = [[[[(a, 0.7), (b, 0.3)]] for a, b in pairs]]  # 1 sequence, 1 layer: top-1 high, second low
+    high, low, budget = 4, 1, 8
+    best, penalty = tune_weights(get_policy("hobbit"), trace, high, low, budget, high_fractions=(0.0, 0.5, 1.0))
+    assert best.high_fraction in (0.0, 0.5, 1.0)
+    assert penalty == miss_penalty(best, trace, high, low, budget)
+    for fraction in (0.0, 0.5, 1.0):
+        assert penalty <= tune_weights(get_policy("hobbit"), trace, high, low, budget, high_fractions=(fraction,))[1]
+    store = SimpleNamespace(record_nbytes=lambda precision: high if precision == "fp16" else low)
+    tuned = tune_hobbit(trace, store, budget, ["hobbit", "hobbit-highpool"])
+    assert budget * tuned["hobbit-highpool"]["high_fraction"] >= high  # keeps at least one fp16 expert

@@ -71,9 +71,10 @@ class MoEBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits = self.gate(flat)
-        probs = logits.float().softmax(-1)
-        weights, index = probs.topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        # Top-k of the logits, then softmax over those k: the renormalized top-k probabilities
+        # in two ops instead of four (decoding one token is dominated by per-op overhead).
+        top, index = logits.float().topk(self.top_k, dim=-1)
+        weights = top.softmax(-1)
         self.last_router_logits = logits
         return self.experts(flat, index, weights).reshape(shape)
 
@@ -86,10 +87,12 @@ def _rope_table(theta: float, half: int, length: int) -> tuple[torch.Tensor, tor
 
 
 def _rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) for x (B, H, T, Dh) at positions start .. start+T-1."""
-    half, t = x.shape[-1] // 2, x.shape[2]
+    """Rotary embedding (rotate-half form) for x (..., T, Dh) at positions start .. start+T-1."""
+    half, t = x.shape[-1] // 2, x.shape[-2]
     length = 1 << max(10, (start + t - 1).bit_length())  # tables grow in powers of two, then stay cached
-    cos, sin = (m[start : start + t].to(x.device, x.dtype) for m in _rope_table(theta, half, length))
+    cos, sin = (m[start : start + t] for m in _rope_table(theta, half, length))
+    if cos.dtype != x.dtype or cos.device != x.device:
+        cos, sin = cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -106,8 +109,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, start: int, cache: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = _rope(q, start, self.theta), _rope(k, start, self.theta)
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = _rope(qkv[:2], start, self.theta)  # q and k rotated in one pass
+        v = qkv[2]
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         # Causal within the new chunk; every cached position is visible.

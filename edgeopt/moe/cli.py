@@ -108,19 +108,20 @@ def run_cmd(store, prompt, new_tokens, policy, budget_fraction, budget_mb, profi
 @click.option("--prompts", "n_prompts", default=8, show_default=True, help="Held-out prompts.")
 @click.option("--prompt-len", default=64, show_default=True)
 @click.option("--decode-tokens", default=64, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Passes over the prompts; tok/s from each prompt's best pass.")
 @click.option("--warm/--cold", "warm", default=False, show_default=True,
               help="--cold drops each record from the page cache after reading it (every miss is a disk read).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=Path("runs/moe-bench.png"), show_default=True)
-def bench_cmd(store, policies, budget_fraction, n_prompts, prompt_len, decode_tokens, warm, plot_path) -> None:
+def bench_cmd(store, policies, budget_fraction, n_prompts, prompt_len, decode_tokens, repeats, warm, plot_path) -> None:
     """Decode speed, TTFT, hit rate, bytes/token, stalls and perplexity for every policy, in one run."""
     from edgeopt.moe.bench import format_table, plot, run_bench
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"benchmarking {len(names)} policies, prompt by prompt", total=n_prompts)
+        task = progress.add_task(f"benchmarking {len(names)} policies, prompt by prompt", total=n_prompts * repeats)
         results, info = run_bench(
             store, names, budget_fraction, n_prompts, prompt_len, decode_tokens, cold=not warm,
-            progress=lambda i: progress.advance(task),
+            progress=lambda i: progress.advance(task), repeats=repeats,
         )
     click.echo(format_table(results, info))
     click.echo(f"plot: {plot(results, plot_path)}")

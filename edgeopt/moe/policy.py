@@ -6,7 +6,9 @@ code, so baselines and HOBBIT differ only in these fields:
 - token-level dynamic loading: `t1`, `t2` (s(e) = sum of normalized gate weights
   ranked above e; s <= t1 → high precision, t1 < s <= t2 → low, s > t2 → skip);
 - layer-level prefetch: `prefetch_layers` (p);
-- sequence-level replacement: `replacement` + `weights` (w_lru, w_lfu, w_lhu, w_fld).
+- sequence-level replacement: `replacement` + `weights` (w_lru, w_lfu, w_lhu, w_fld), and
+  the budget's split between the high- and low-precision pools (`high_fraction`); both are
+  tuned on calibration traces by `tune_weights`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class PolicyConfig:
     resident: bool = False
     low_precision: str = "int4"
     high_precision: str = "fp16"
+    # Calibration constraint: the budget split may not leave the high pool fewer experts than this.
+    min_high_experts: int = 0
 
     def decide(self, s: float) -> int:
         """HIGH / LOW / SKIP for an expert whose higher-ranked experts carry weight `s`."""
@@ -58,6 +62,12 @@ POLICIES: dict[str, PolicyConfig] = {
         PolicyConfig(
             "hobbit-noprefetch", t1=0.6, t2=0.9, prefetch_layers=0, high_fraction=0.25,
             replacement="hobbit", weights=(1.0, 0.5, 0.5, 0.5),
+        ),
+        # HOBBIT whose budget split must keep at least one high-precision expert cached (calibration
+        # may otherwise give the whole budget to the low pool and serve high-precision misses uncached).
+        PolicyConfig(
+            "hobbit-highpool", t1=0.6, t2=0.9, prefetch_layers=1, high_fraction=0.25,
+            replacement="hobbit", weights=(1.0, 0.5, 0.5, 0.5), min_high_experts=1,
         ),
     ]
 }
@@ -155,15 +165,21 @@ def miss_penalty(policy: PolicyConfig, trace: Trace, high_bytes: int, low_bytes:
 
 def tune_weights(
     policy: PolicyConfig, trace: Trace, high_bytes: int, low_bytes: int, budget: int,
-    grid: tuple[float, ...] = (0.0, 0.5, 1.0),
+    grid: tuple[float, ...] = (0.0, 0.5, 1.0), high_fractions: tuple[float, ...] | None = None,
 ) -> tuple[PolicyConfig, float]:
-    """Grid-search (w_lru, w_lfu, w_lhu, w_fld) minimizing the replayed miss penalty."""
+    """Grid-search (w_lru, w_lfu, w_lhu, w_fld), and the budget's split between the high- and
+    low-precision pools (`high_fractions`; default: keep the policy's), minimizing the replayed miss penalty.
+
+    The split matters as much as the weights: a low-precision copy costs B_low/B_high of a
+    high one, so shifting bytes to the low pool caches several experts per high one evicted.
+    """
     best, best_penalty = policy, float("inf")
-    for weights in itertools.product(grid, repeat=4):
-        if not any(weights):
-            continue
-        candidate = replace(policy, weights=weights)
-        penalty = miss_penalty(candidate, trace, high_bytes, low_bytes, budget)
-        if penalty < best_penalty:
-            best, best_penalty = candidate, penalty
+    for fraction in high_fractions or (policy.high_fraction,):
+        for weights in itertools.product(grid, repeat=4):
+            if not any(weights):
+                continue
+            candidate = replace(policy, weights=weights, high_fraction=fraction)
+            penalty = miss_penalty(candidate, trace, high_bytes, low_bytes, budget)
+            if penalty < best_penalty:
+                best, best_penalty = candidate, penalty
     return best, best_penalty

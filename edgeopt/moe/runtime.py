@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeopt.moe.cache import ExpertCache, Key
@@ -88,7 +89,7 @@ class Engine:
         self.prefetched: set[tuple[int, int, str]] = set()
         self.predictions: dict[int, set[int]] = {}
         self.stats = Stats()
-        self.tracer = None  # optional callable(layer, ranked experts, ranked weights) for calibration
+        self.tracer = None  # optional callable(layer, token, [(expert, normalized weight)] by rank) for calibration
         if policy.resident:
             self._preload([(layer, e) for layer in range(self.n_layers) for e in range(store.n_experts)], pin=False)
         elif policy.replacement == "static":
@@ -145,17 +146,20 @@ class Engine:
         return fut
 
     def _harvest(self) -> None:
-        """Move finished prefetches into the cache (main thread only: the cache is not shared)."""
-        for key in [k for k, f in self.inflight.items() if f.done()]:
-            fut = self.inflight.pop(key)
-            if key in self.prefetched:
-                self.prefetched.discard(key)
-                if fut.cancelled():
-                    continue
-                if fut.exception() is None:
-                    self.cache.put(key[:2], fut.result())
-                else:
-                    fut.result()  # re-raise the loader's error (e.g. a corrupted record) here
+        """Move finished prefetches into the cache (main thread only: the cache is not shared).
+
+        A prefetch its pool cannot take (e.g. a zero-sized high-precision pool) stays in flight
+        until its layer runs or the routing proves it stale: a transient buffer, like a demand read.
+        """
+        for key in [k for k in self.prefetched if self.inflight[k].done()]:
+            fut = self.inflight[key]
+            failed = not fut.cancelled() and fut.exception() is not None
+            if not (fut.cancelled() or failed or self.cache.put(key[:2], fut.result())):
+                continue
+            del self.inflight[key]
+            self.prefetched.discard(key)
+            if failed:
+                fut.result()  # re-raise the loader's error (e.g. a corrupted record) here
 
     def _pending(self, layer: int, expert: int) -> Future | None:
         """A read already queued or running for this expert, at either precision (moved to the front)."""
@@ -167,9 +171,11 @@ class Engine:
         return None
 
     def _cancel_stale(self, layer: int, needed: set[int]) -> None:
-        """Drop queued prefetches the routing proved wrong, before they use device bandwidth."""
+        """Drop prefetches the routing proved wrong: queued ones before they use device bandwidth,
+        finished ones that no pool took (their buffer is freed)."""
         for key in [k for k in self.prefetched if k[0] < layer or (k[0] == layer and k[1] not in needed)]:
-            if self.inflight[key].cancel():
+            fut = self.inflight[key]
+            if fut.cancel() or fut.done():
                 del self.inflight[key]
                 self.prefetched.discard(key)
 
@@ -182,17 +188,17 @@ class Engine:
         p = min(self.policy.prefetch_layers, self.n_layers - 1 - layer)
         if p <= 0:
             return
-        stacked = self.stacked_gates[layer]  # (p·E, H): one matmul for p layers
-        probs = (x[-1:].float() @ stacked.T).view(p, -1).softmax(-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        # One matmul for p layers; softmax over the top-k logits = renormalized top-k probabilities.
+        logits = F.linear(x[-1:].to(self.stacked_gates[layer].dtype), self.stacked_gates[layer]).view(p, -1)
+        top, experts = logits.topk(self.top_k, dim=-1)
+        weights, experts = top.softmax(-1).tolist(), experts.tolist()
         for d in range(p):
             target = layer + 1 + d
             self._unpin(target)  # a newer prediction for this layer replaces the older one
             missing = False
             s = 0.0
             chosen = set()
-            for e, w in zip(experts[d].tolist(), weights[d].tolist(), strict=False):
+            for e, w in zip(experts[d], weights[d], strict=False):
                 need = self.policy.decide(s)
                 s += w
                 if need == SKIP:
@@ -214,20 +220,22 @@ class Engine:
         self.top_k = top_k_index.shape[-1]
         self._harvest()
         self.records.current_layer = layer
-        w = top_k_weights.float()
-        norm = w / w.sum(-1, keepdim=True)
-        ranked_w, order = norm.sort(-1, descending=True)
-        ranked_e = top_k_index.gather(-1, order)
-        above = (ranked_w.cumsum(-1) - ranked_w).tolist()
-        if self.tracer is not None:
-            self.tracer(layer, ranked_e, ranked_w)
+        # Routing bookkeeping in plain Python on two small lists: a decode step has top_k entries,
+        # and a dozen tiny tensor ops per layer cost more than the experts' own compute here.
+        weights = top_k_weights.tolist()
         need: dict[int, int] = {}
-        users: dict[int, list[tuple[int, int]]] = defaultdict(list)  # expert → [(token, slot)]
-        for t, (es, ss, slots) in enumerate(zip(ranked_e.tolist(), above, order.tolist(), strict=False)):
-            for e, s, slot in zip(es, ss, slots, strict=False):
+        users: dict[int, list[tuple[int, float]]] = defaultdict(list)  # expert → [(token, weight)]
+        for t, (es, ws) in enumerate(zip(top_k_index.tolist(), weights, strict=True)):
+            total = sum(ws)
+            ranked = sorted(zip(es, ws, strict=True), key=lambda ew: -ew[1])
+            if self.tracer is not None:
+                self.tracer(layer, t, [(e, w / total) for e, w in ranked])
+            s = 0.0
+            for e, w in ranked:
                 decision = self.policy.decide(s)
+                s += w / total
                 need[e] = max(need.get(e, SKIP), decision)
-                users[e].append((t, slot))
+                users[e].append((t, w))
         self._score_prediction(layer, need)
 
         ready: dict[int, LoadedExpert] = {}
@@ -248,9 +256,9 @@ class Engine:
         if x.shape[0] == 1:
             self._prefetch(layer, x)
 
-        out = torch.zeros_like(x)
+        out = None
         for e, entry in ready.items():
-            self._apply(layer, e, entry, x, users[e], top_k_weights, out)
+            out = self._apply(layer, e, entry, x, users[e], out)
         for e, fut in waiting.items():
             t0 = time.perf_counter()
             entry = fut.result()
@@ -259,28 +267,30 @@ class Engine:
             if self.inflight.get(key) is fut:
                 del self.inflight[key]
                 self.prefetched.discard(key)
-            self._apply(layer, e, entry, x, users[e], top_k_weights, out)
+            out = self._apply(layer, e, entry, x, users[e], out)
             self.cache.put((layer, e), entry)
         self._unpin(layer)
-        return out
+        return torch.zeros_like(x) if out is None else out
 
     def _unpin(self, layer: int) -> None:
         for e in self.predictions.pop(layer, ()):
             if self.policy.replacement != "static":
                 self.cache.pinned.discard((layer, e))
 
-    def _apply(self, layer, e, entry, x, uses, top_k_weights, out) -> None:
+    def _apply(self, layer, e, entry, x, uses, out) -> torch.Tensor:
+        """out + this expert's gate-weighted output for the tokens in `uses`."""
         is_high = entry.precision == self.high
         self.records.access((layer, e), is_high)
         self.stats.high_uses += is_high
         self.stats.low_uses += not is_high
         if x.shape[0] == 1:  # decode: one token, no gather/scatter
-            out.add_(entry.forward(x), alpha=float(top_k_weights[0, uses[0][1]]))
-            return
+            y = entry.forward(x)
+            return y.mul_(uses[0][1]) if out is None else out.add_(y, alpha=uses[0][1])
+        if out is None:
+            out = torch.zeros_like(x)
         tokens = torch.tensor([t for t, _ in uses])
-        slots = torch.tensor([s for _, s in uses])
         y = entry.forward(x[tokens])
-        out.index_add_(0, tokens, y * top_k_weights[tokens, slots, None].to(y.dtype))
+        return out.index_add_(0, tokens, y * torch.tensor([w for _, w in uses], dtype=y.dtype)[:, None])
 
     def _score_prediction(self, layer: int, need: dict[int, int]) -> None:
         predicted = self.predictions.get(layer)
