@@ -44,6 +44,9 @@ def main() -> None:
     print(f"hobbit reads {hobbit.bytes_per_token / lru.bytes_per_token:.0%} of {BASELINE}'s bytes per token; "
           f"bandwidth-bound tok/s ratio {hobbit.bound_tokens_per_s / lru.bound_tokens_per_s:.2f}x "
           f"(measured read bandwidth {hobbit.read_mb_s:.0f} vs {lru.read_mb_s:.0f} MB/s)")
+    print(f"hobbit held up to {hobbit.peak_held_bytes / 2**20:.2f} MiB of finished prefetches outside its "
+          f"{hobbit.budget_bytes / 2**20:.2f} MiB cache until their layer ran; hobbit-noprefetch holds none and runs "
+          f"{by['hobbit-noprefetch'].tokens_per_s / lru.tokens_per_s:.2f}x {BASELINE}")
     speedup = hobbit.tokens_per_s / lru.tokens_per_s
     ppl = by["hobbit"].perplexity / by[REFERENCE].perplexity - 1
     print(f"hobbit vs {BASELINE}: {speedup:.2f}x decode tokens/s (goal >= 3x) -> {'PASS' if speedup >= 3 else 'FAIL'}")

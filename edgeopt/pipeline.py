@@ -292,11 +292,16 @@ class Pipeline:
         if final.artifact.format == TORCH:
             shutil.rmtree(self.run_dir / "bundle", ignore_errors=True)  # never ship an older recipe's model
             return
-        from edgeopt.profiler.bundle import make_bundle
+        from edgeopt.profiler.bundle import check_tensorrt_onnx, make_bundle
 
+        shutil.rmtree(self.run_dir / "bundle", ignore_errors=True)
         runtime = FORMAT_RUNTIME[final.artifact.format]
         if runtime == "onnxruntime" and self.profile.runtimes[0] == "tensorrt":
-            runtime = "tensorrt"  # the Jetson's agent builds the engine from the ONNX on the device
+            try:  # the Jetson's agent builds the engine from the ONNX on the device
+                check_tensorrt_onnx(final.artifact.path, final.artifact.precision)
+                runtime = "tensorrt"
+            except InputError as error:
+                self.notify(f"bundle: runs with onnxruntime, TensorRT would refuse this model: {error}")
         make_bundle(
             final.artifact.path,
             runtime,

@@ -146,6 +146,7 @@ def test_prefetch_serves_its_layer_when_its_pool_cannot_keep_it(model_and_store)
     demand = engine.stats.demand_loads
     engine.run_experts(1, x, torch.tensor([predicted]), torch.tensor([[0.5, 0.5]]))
     assert engine.stats.demand_loads == demand  # served by the prefetch, not read again
+    assert engine.stats.peak_held_bytes == 2 * engine.store.record_nbytes("fp16")  # reported: outside the budget
     assert not any(k[0] == 1 for k in engine.inflight) and not engine.cache.high.entries
     assert engine.stats.predicted_right == 2
     lm.close()
@@ -162,7 +163,6 @@ def test_tuning_chooses_the_pool_split_within_its_constraint():
     trace = [[[[(a, 0.7), (b, 0.3)]] for a, b in pairs]]  # 1 sequence, 1 layer: top-1 high, second low
     high, low, budget = 4, 1, 8
     best, penalty = tune_weights(get_policy("hobbit"), trace, high, low, budget, high_fractions=(0.0, 0.5, 1.0))
-    assert best.high_fraction in (0.0, 0.5, 1.0)
     assert penalty == miss_penalty(best, trace, high, low, budget)
     for fraction in (0.0, 0.5, 1.0):
         assert penalty <= tune_weights(get_policy("hobbit"), trace, high, low, budget, high_fractions=(fraction,))[1]

@@ -104,3 +104,18 @@ def test_clearing_a_step_keeps_only_the_resume_checkpoint(tmp_path):
     (step / RESUME_FILE).unlink()
     _clear_step_dir(step)
     assert not step.exists()
+
+
+@pytest.mark.parametrize(("mode", "runtime"), [("static", "tensorrt"), ("dynamic", "onnxruntime")])
+def test_jetson_bundle_is_built_by_tensorrt_when_it_can_take_the_model(root, tmp_path, mode, runtime):
+    """A Jetson run's bundle carries the ONNX for the device to build an engine from; static int8
+    is made symmetric so TensorRT takes it, dynamic int8 (integer-only ops) falls back to onnxruntime."""
+    spec = yaml.safe_load((root / "targets" / "digits-mlp.yaml").read_text())
+    spec["model"]["checkpoint"] = str(root / spec["model"]["checkpoint"])
+    spec["passes"] = [{"quantize": {"format": "onnx", "mode": mode}}]
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(spec))
+    Pipeline(load_recipe(recipe_path), load_profile("jetson-orin-nano"), tmp_path / "run", timing=FAST).run()
+    meta = json.loads((tmp_path / "run" / "bundle" / "meta.json").read_text())
+    assert meta["runtime"] == runtime and meta["model"] == "model.onnx"
+    assert meta.get("precision") == ("int8" if runtime == "tensorrt" else None)

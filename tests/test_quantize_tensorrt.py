@@ -94,8 +94,23 @@ def test_asymmetric_activations_are_refused_with_the_way_out(digits_model, tmp_p
     with pytest.raises(InputError) as err:
         check_tensorrt_onnx(out, "int8")
     message = str(err.value)
-    assert "only symmetric int8 Q/DQ" in message and "ActivationSymmetric: True" in message
+    assert "only symmetric int8 Q/DQ" in message and "quantize pass does so for a Jetson profile" in message
     assert "QuantizeLinear" in message and "\n" not in message
+
+
+def test_edgeopt_static_int8_for_tensorrt_is_buildable(digits_model, tmp_path):  # noqa: F811
+    """What the quantize pass makes for a Jetson profile passes the check; its default (ORT's) form does not."""
+    from edgeopt.exporters.onnx import export_onnx
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+    fp32 = export_onnx(mlp, torch.zeros(2, 64), tmp_path / "fp32.onnx", keep_metadata=True)
+    calibration = digits_model.eval_x[:256]
+    for_trt = onnx_quant.quantize_static(fp32, calibration, tmp_path / "trt.onnx", symmetric_activations=True)
+    assert check_tensorrt_onnx(for_trt) == "int8"
+    for_ort = onnx_quant.quantize_static(fp32, calibration, tmp_path / "ort.onnx")
+    with pytest.raises(InputError, match="only symmetric int8"):
+        check_tensorrt_onnx(for_ort)
 
 
 def test_dynamic_int8_is_refused(digits_model, tmp_path):  # noqa: F811

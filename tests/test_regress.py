@@ -86,3 +86,13 @@ def test_host_isa_names_the_architecture():
     from edgeopt.regress import host_isa
 
     assert host_isa().split()[0] == platform.machine()
+
+
+def test_partial_update_refuses_baselines_from_another_isa(cli_runner, root, tmp_path):
+    baselines = tmp_path / "baselines.json"
+    baselines.write_text(json.dumps({"_host": "riscv64 imaginary", "digits-mlp@x86-cpu": {}}))
+    result = cli_runner.invoke(cli, ["regress", "--targets", str(root / "targets"), "--baselines", str(baselines),
+                                     "--out", str(tmp_path / "runs"), "--update", *FAST])
+    assert result.exit_code == 2
+    assert "re-take every baseline" in result.output
+    assert json.loads(baselines.read_text())["_host"] == "riscv64 imaginary"  # untouched

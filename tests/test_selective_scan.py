@@ -121,8 +121,10 @@ def fused_calls(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    real = scan_module.fused_scan
-    monkeypatch.setattr(scan_module, "fused_scan", spy)
+    from edgeopt.ops import scan_kernel
+
+    real = scan_kernel.fused_scan
+    monkeypatch.setattr(scan_kernel, "fused_scan", spy)
     return calls
 
 
@@ -139,6 +141,29 @@ def test_default_is_fused_only_for_eager_inference(fused_calls):
     assert len(fused_calls) == 3 and out.requires_grad  # autograd: chunked
     with pytest.raises(ValueError, match="chunked"):
         selective_scan(**leaves, delta_softplus=True, backend="fused")
+
+
+def test_forward_mode_ad_keeps_its_tangent(fused_calls):
+    import torch.autograd.forward_ad as fwAD
+
+    kw = _inputs(1, 8, 30, 16, 2)
+    with fwAD.dual_level():
+        dual = {**kw, "u": fwAD.make_dual(kw["u"], torch.ones_like(kw["u"]))}
+        tangent = fwAD.unpack_dual(selective_scan(**dual, delta_softplus=True)).tangent
+    assert not fused_calls and tangent is not None
+    _, want = torch.func.jvp(lambda u: selective_scan(**{**kw, "u": u}, delta_softplus=True, backend="chunked"),
+                             (kw["u"],), (torch.ones_like(kw["u"]),))
+    torch.testing.assert_close(tangent, want)
+
+
+def test_without_numba_eager_falls_back_to_chunked(monkeypatch):
+    monkeypatch.setattr(scan_module, "_fused_kernel", lambda: None)
+    kw = _inputs(1, 8, 30, 16, 2)
+    with torch.no_grad():
+        got = selective_scan(**kw, delta_softplus=True)
+    torch.testing.assert_close(got, selective_scan(**kw, delta_softplus=True, backend="reference"), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="could not be loaded"):
+        selective_scan(**kw, delta_softplus=True, backend="fused")
 
 
 class _Scan(nn.Module):

@@ -51,6 +51,7 @@ class Result:
     prefetch_accuracy: float
     peak_cache_bytes: int
     budget_bytes: int
+    peak_held_bytes: int = 0  # finished prefetches held outside the cache until their layer runs
 
 
 def calibration_trace(store: ExpertStore, sequences: int = 8, length: int = 128) -> Trace:
@@ -160,6 +161,7 @@ class PolicyRun:
             prefetch_accuracy=stats.prefetch_accuracy if stats.predicted else float("nan"),
             peak_cache_bytes=engine.cache.peak_used,
             budget_bytes=engine.budget,
+            peak_held_bytes=stats.peak_held_bytes,
         )
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ class Stats:
     prefetch_loads: int = 0
     predicted: int = 0
     predicted_right: int = 0
+    peak_held_bytes: int = 0  # finished prefetches no pool took, waiting for their layer (outside the budget)
 
     @property
     def hit_rate(self) -> float:
@@ -160,6 +161,9 @@ class Engine:
             self.prefetched.discard(key)
             if failed:
                 fut.result()  # re-raise the loader's error (e.g. a corrupted record) here
+        held = sum(f.result().nbytes for f in (self.inflight[k] for k in self.prefetched)
+                   if f.done() and not f.cancelled() and f.exception() is None)
+        self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, held)
 
     def _pending(self, layer: int, expert: int) -> Future | None:
         """A read already queued or running for this expert, at either precision (moved to the front)."""

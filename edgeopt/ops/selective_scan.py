@@ -27,13 +27,14 @@ every exported graph (ONNX, TFLite, torch.export) keep the chunked formulation.
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from edgeopt.errors import unknown_name
-from edgeopt.ops.scan_kernel import fused_allowed, fused_scan
 
 BACKENDS = ("reference", "chunked", "fused", "cuda")
 # elements of one sample's (D, L, N) up to which all steps are computed at once; the batch size
@@ -65,13 +66,17 @@ def selective_scan(
         if u.is_cuda and not return_states and _mamba_kernel() is not None:
             backend = "cuda"
         else:
-            backend = "fused" if fused_allowed(*tensors) else "chunked"
+            kernel = _fused_kernel()
+            backend = "fused" if kernel is not None and kernel.fused_allowed(*tensors) else "chunked"
     if backend not in BACKENDS:
         raise unknown_name("selective-scan backend", backend, BACKENDS)
     if backend == "fused":
-        if not fused_allowed(*tensors):
+        kernel = _fused_kernel()
+        if kernel is None:
+            raise ValueError("the fused kernel could not be loaded (see the warning); use backend='chunked'")
+        if not kernel.fused_allowed(*tensors):
             raise ValueError("the fused kernel runs only on CPU without autograd or tracing; use backend='chunked'")
-        out, states = fused_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_states)
+        out, states = kernel.fused_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_states)
         return (out.to(u.dtype), states) if return_states else out.to(u.dtype)
     if backend == "cuda":
         if return_states:
@@ -254,6 +259,19 @@ def _chunked_small(
     y = (h.reshape(-1, groups, dg, NC, T, nstate) * Ct).sum(-1).reshape(-1, dim, padded)[:, :, :length]
     states = h.reshape(-1, dim, padded, nstate)[:, :, :length] if want_states else None
     return y, states
+
+
+@lru_cache(maxsize=1)
+def _fused_kernel() -> ModuleType | None:
+    """The numba kernel module, imported on first use; None (with a warning) where numba cannot
+    load or cannot cache it (e.g. read-only install and home), so training and export, which
+    never use it, keep working and eager inference falls back to the chunked scan."""
+    try:
+        from edgeopt.ops import scan_kernel
+    except (ImportError, RuntimeError) as error:
+        warnings.warn(f"fused selective scan unavailable, using the chunked scan: {error}", stacklevel=3)
+        return None
+    return scan_kernel
 
 
 @lru_cache(maxsize=1)

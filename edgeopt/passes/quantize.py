@@ -119,7 +119,8 @@ class QuantizePass(Pass):
 
             def build(only: Sequence[str] | None, keep: Sequence[str], path: Path | None = None) -> Path:
                 target = path or Path(work) / f"trial{next(counter)}{SUFFIX[fmt]}"
-                return quantize_file(fmt, cfg.mode, fp32, calib_x, target, cfg.per_channel, [*cfg.keep_float, *keep], only)
+                return quantize_file(fmt, cfg.mode, fp32, calib_x, target, cfg.per_channel, [*cfg.keep_float, *keep], only,
+                                     symmetric_activations=ctx.profile.runtimes[0] == "tensorrt")
 
             mixed = None
             if cfg.mixed_precision:
@@ -210,8 +211,13 @@ def quantize_file(
     per_channel: bool = True,
     keep_float: Sequence[str] = (),
     only: Sequence[str] | None = None,
+    symmetric_activations: bool = False,
 ) -> Path:
-    """One fp32 file → one quantized file, by the format's own toolchain."""
+    """One fp32 file → one quantized file, by the format's own toolchain. `symmetric_activations`
+    (ONNX static): zero-point-0 activations, the only int8 Q/DQ TensorRT builds."""
+    if mode == "static" and fmt == "onnx":
+        return onnx_quant.quantize_static(fp32, calibration, out, per_channel, keep_float, only,
+                                          symmetric_activations=symmetric_activations)
     tools = onnx_quant if fmt == "onnx" else tflite_quant
     if mode == "static":
         return tools.quantize_static(fp32, calibration, out, per_channel, keep_float, only)

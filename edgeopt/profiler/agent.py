@@ -22,6 +22,7 @@ this way on a bare device.
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import hashlib
 import json
@@ -421,7 +422,9 @@ def cached_engine(onnx_path: str, precision: str, batch_size: int, cache_dir: st
         os.makedirs(cache_dir, exist_ok=True)
         _write_atomic(path, data)
     except OSError as exc:
-        path = os.path.join(tempfile.mkdtemp(prefix="edgeopt-engine-"), key)
+        scratch = tempfile.mkdtemp(prefix="edgeopt-engine-")
+        atexit.register(shutil.rmtree, scratch, True)  # this run only: nothing left behind
+        path = os.path.join(scratch, key)
         _write_atomic(path, data)
         facts["cache_file"] = None
         print(f"warning: engine cache {cache_dir} is not writable ({_one_line(exc)}); engine not cached",

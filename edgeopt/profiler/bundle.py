@@ -118,7 +118,7 @@ def check_tensorrt_onnx(model_path: Path, precision: str | None = None) -> str:
             kind = TensorProto.DataType.Name(zero.data_type).lower()
             raise InputError(f"{name}: TensorRT supports only symmetric int8 Q/DQ, but {node.op_type} "
                              f"'{node.name}' has {kind} zero point {values.ravel()[:3].tolist()}; quantize with "
-                             f"symmetric int8 activations (onnxruntime ActivationSymmetric: True)")
+                             f"symmetric int8 activations (the quantize pass does so for a Jetson profile)")
     for tensor in model.graph.input:
         dims = tensor.type.tensor_type.shape.dim[1:]
         if tensor.name not in initializers and any(d.dim_param or d.dim_value <= 0 for d in dims):

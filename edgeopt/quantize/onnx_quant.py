@@ -103,8 +103,10 @@ def quantize_static(
     keep_float: Iterable[str] = (),
     only: Iterable[str] | None = None,
     batch_size: int = 32,
+    symmetric_activations: bool = False,
 ) -> Path:
-    """int8 weights and activations (QDQ); activation ranges from `calibration` (N, ...) float32."""
+    """int8 weights and activations (QDQ); activation ranges from `calibration` (N, ...) float32.
+    `symmetric_activations` gives every activation zero point 0, as TensorRT requires."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
@@ -142,7 +144,7 @@ def quantize_static(
                 op_types_to_quantize=types,
                 nodes_to_quantize=kernels,
                 extra_options={
-                    "ActivationSymmetric": False,
+                    "ActivationSymmetric": symmetric_activations,
                     "WeightSymmetric": True,
                     # biases stay float: an int32 bias is stored with a per-channel int32 zero point
                     # and a float scale (3x its float bytes), ONNX Runtime still fuses QLinearConv/
