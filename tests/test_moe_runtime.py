@@ -132,23 +132,24 @@ def test_pinned_entries_are_not_evicted():
     assert cache.used == 80
 
 
-def test_prefetch_serves_its_layer_when_its_pool_cannot_keep_it(model_and_store):
-    """A zero-sized high-precision pool: the prefetched fp16 expert is used once, never read twice."""
+def test_prefetch_only_what_a_pool_can_keep(model_and_store):
+    """A zero-sized high-precision pool: the top-1 (high-precision) prediction is not prefetched
+    (no pool could keep it: it would be memory outside the budget); the low-precision one is,
+    lands in the low pool and serves its layer without a second read."""
     _, store = model_and_store
-    lm = OffloadedLM(store, "hobbit", budget_fraction=0.5, high_fraction=0.0, prefetch_layers=1, t1=1.0, t2=1.0)
+    # T1 = 0, T2 = 1: each predicted top-1 wants high precision, the second low
+    lm = OffloadedLM(store, "hobbit", budget_fraction=0.5, high_fraction=0.0, prefetch_layers=1, t1=0.0, t2=1.0)
     engine = lm.engine
-    x = torch.randn(1, CFG.d_model)
+    x = torch.randn(1, CFG.d_model, generator=torch.Generator().manual_seed(0))
     engine.run_experts(0, x, torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]]))
-    predicted = sorted(engine.predictions[1])
-    assert len(predicted) == 2 and engine.stats.prefetch_loads == 2
+    assert len(engine.predictions[1]) == 2
+    prefetched = [k for k in engine.inflight if k[0] == 1]
+    assert engine.stats.prefetch_loads == len(prefetched) == 1 and prefetched[0][2] == engine.low
     for fut in list(engine.inflight.values()):
         fut.result()
-    demand = engine.stats.demand_loads
-    engine.run_experts(1, x, torch.tensor([predicted]), torch.tensor([[0.5, 0.5]]))
-    assert engine.stats.demand_loads == demand  # served by the prefetch, not read again
-    assert engine.stats.peak_held_bytes == 2 * engine.store.record_nbytes("fp16")  # reported: outside the budget
-    assert not any(k[0] == 1 for k in engine.inflight) and not engine.cache.high.entries
-    assert engine.stats.predicted_right == 2
+    engine._harvest()
+    assert (1, prefetched[0][1]) in engine.cache.low.entries and not engine.cache.high.entries
+    assert engine.stats.peak_held_bytes == 0 and engine.cache.used <= engine.budget
     lm.close()
 
 

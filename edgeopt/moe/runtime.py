@@ -149,20 +149,24 @@ class Engine:
     def _harvest(self) -> None:
         """Move finished prefetches into the cache (main thread only: the cache is not shared).
 
-        A prefetch its pool cannot take (e.g. a zero-sized high-precision pool) stays in flight
-        until its layer runs or the routing proves it stale: a transient buffer, like a demand read.
+        A prefetch its pool cannot take right now (full of pinned experts) stays in flight until
+        its layer runs or the routing proves it stale, but only while the cache plus such held
+        buffers stay within the byte budget; beyond that it is dropped (prefetching never buys
+        memory the baselines don't get).
         """
+        held = 0
         for key in [k for k in self.prefetched if self.inflight[k].done()]:
             fut = self.inflight[key]
             failed = not fut.cancelled() and fut.exception() is not None
             if not (fut.cancelled() or failed or self.cache.put(key[:2], fut.result())):
-                continue
+                nbytes = fut.result().nbytes
+                if self.cache.used + held + nbytes <= self.budget:
+                    held += nbytes
+                    continue
             del self.inflight[key]
             self.prefetched.discard(key)
             if failed:
                 fut.result()  # re-raise the loader's error (e.g. a corrupted record) here
-        held = sum(f.result().nbytes for f in (self.inflight[k] for k in self.prefetched)
-                   if f.done() and not f.cancelled() and f.exception() is None)
         self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, held)
 
     def _pending(self, layer: int, expert: int) -> Future | None:
@@ -210,12 +214,21 @@ class Engine:
                 chosen.add(e)
                 key = (target, e)
                 self.cache.pinned.add(key)
-                if self.cache.get(key, allow_low=True) is None and not self._queued(target, e):
-                    self._submit(target, e, self.high if need == HIGH else self.low, prefetch=True)
+                precision = self._prefetch_precision(need)
+                if precision and self.cache.get(key, allow_low=True) is None and not self._queued(target, e):
+                    self._submit(target, e, precision, prefetch=True)
                     missing = True
             self.predictions[target] = chosen
             if missing:
                 break
+
+    def _prefetch_precision(self, need: int) -> str | None:
+        """The precision to prefetch at, or None where its pool could never keep such a record
+        (e.g. a zero-sized high-precision pool): that read would be a buffer outside the budget,
+        and a low-precision stand-in would change what the token computes."""
+        precision = self.high if need == HIGH else self.low
+        pool = self.cache.high if need == HIGH else self.cache.low
+        return precision if self.store.record_nbytes(precision) <= pool.capacity else None
 
     # -- the experts call -------------------------------------------------------------------------
     def run_experts(
