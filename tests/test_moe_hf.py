@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_fixtures import decode_logits
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -35,15 +36,6 @@ def tiny_model(kind: str):
     return model
 
 
-def offloaded_logits(lm, ids, prefill=6):
-    logits, state = lm(ids[:, :prefill])
-    out = [logits]
-    for i in range(prefill, ids.shape[1]):
-        logits, state = lm(ids[:, i : i + 1], state)
-        out.append(logits)
-    return torch.cat(out, 1)
-
-
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
 def test_fused_layout_from_local_directory(kind, tmp_path):
     model = tiny_model(kind)
@@ -54,7 +46,7 @@ def test_fused_layout_from_local_directory(kind, tmp_path):
     with torch.no_grad():
         ref = model(ids).logits
     lm = OffloadedLM(store, "hobbit", budget_fraction=0.5, t1=1.0, t2=1.0)
-    got = offloaded_logits(lm, ids)
+    got = decode_logits(lm, ids, prefill=6)
     assert lm.engine.stats.misses > 0
     lm.close()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -109,7 +101,7 @@ def test_per_expert_module_layout(tmp_path):
     lm = OffloadedLM(store, "lru-fp16", budget_fraction=0.25, model=model)
     assert type(model.model.layers[0].mlp).__name__ == "RoutedBlock"
     assert not any("experts.0" in n for n, _ in model.named_parameters())
-    got = offloaded_logits(lm, ids)
+    got = decode_logits(lm, ids, prefill=6)
     lm.close()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from moe_fixtures import decode_logits
 from safetensors.torch import save_file
 
 from edgeopt.models.moe import MoEConfig, MoELM, swiglu_expert
@@ -29,15 +30,6 @@ def model_and_store(tmp_path_factory):
     return model, pack(d / "m.safetensors", d / "store", ("fp16", "int4"))
 
 
-def decode_logits(lm, ids, prefill=5):
-    logits, state = lm(ids[:, :prefill])
-    out = [logits]
-    for i in range(prefill, ids.shape[1]):
-        logits, state = lm(ids[:, i : i + 1], state)
-        out.append(logits)
-    return torch.cat(out, 1)
-
-
 @pytest.mark.parametrize("policy,fraction", [("hobbit", 1.0), ("hobbit", 0.3), ("lru-fp16", 0.25)])
 def test_all_high_precision_equals_plain_model(model_and_store, policy, fraction):
     model, store = model_and_store
@@ -45,7 +37,7 @@ def test_all_high_precision_equals_plain_model(model_and_store, policy, fraction
     with torch.no_grad():
         ref, _ = model(ids)
     lm = OffloadedLM(store, policy, budget_fraction=fraction, t1=1.0, t2=1.0)
-    got = decode_logits(lm, ids)
+    got = decode_logits(lm, ids, prefill=5)
     stats = lm.engine.stats
     lm.close()
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
@@ -112,7 +104,7 @@ def test_cache_never_exceeds_budget(model_and_store, policy, monkeypatch):
     hot = {(layer, e): 10 - e for layer in range(CFG.n_layers) for e in range(CFG.n_experts)}
     lm = OffloadedLM(store, policy, budget_fraction=0.2, hot_counts=hot)
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
-    decode_logits(lm, ids)
+    decode_logits(lm, ids, prefill=5)
     budget = lm.engine.budget
     assert lm.engine.stats.misses > 0
     lm.close()

@@ -10,14 +10,18 @@ from edgeopt.cli import cli
 FAST = ["--runs", "10", "--min-seconds", "0.1", "--profile", "x86-cpu"]
 
 
-def test_regress_update_pass_then_fail_on_stricter_baseline(cli_runner, root, tmp_path):
+def _digits_mlp_only(root, tmp_path) -> tuple[list[str], object]:
+    """A targets directory holding only digits-mlp: the regress arguments and the baselines path."""
     targets = tmp_path / "targets"
-    targets.mkdir()
+    (targets / "checkpoints").mkdir(parents=True)
     shutil.copy(root / "targets" / "digits-mlp.yaml", targets)
-    (targets / "checkpoints").mkdir()
     shutil.copy(root / "targets" / "checkpoints" / "digits-mlp.safetensors", targets / "checkpoints")
     baselines = tmp_path / "baselines.json"
-    common = ["regress", "--targets", str(targets), "--baselines", str(baselines), "--out", str(tmp_path / "runs"), *FAST]
+    return ["regress", "--targets", str(targets), "--baselines", str(baselines), "--out", str(tmp_path / "runs"), *FAST], baselines
+
+
+def test_regress_update_pass_then_fail_on_stricter_baseline(cli_runner, root, tmp_path):
+    common, baselines = _digits_mlp_only(root, tmp_path)
 
     updated = cli_runner.invoke(cli, [*common, "--update"])
     assert updated.exit_code == 0, updated.output
@@ -46,12 +50,7 @@ def test_compare_flags_only_the_regressed_metric():
 
 def test_latency_regression_is_retimed_and_kept_when_real(cli_runner, root, tmp_path):
     """A ratio over its limit is re-timed alternately; a 100x-stricter baseline still fails."""
-    targets = tmp_path / "targets"
-    (targets / "checkpoints").mkdir(parents=True)
-    shutil.copy(root / "targets" / "digits-mlp.yaml", targets)
-    shutil.copy(root / "targets" / "checkpoints" / "digits-mlp.safetensors", targets / "checkpoints")
-    baselines = tmp_path / "baselines.json"
-    common = ["regress", "--targets", str(targets), "--baselines", str(baselines), "--out", str(tmp_path / "runs"), *FAST]
+    common, baselines = _digits_mlp_only(root, tmp_path)
     assert cli_runner.invoke(cli, [*common, "--update"]).exit_code == 0
     written = json.loads(baselines.read_text())
     from edgeopt.regress import HOST_KEY, host_isa

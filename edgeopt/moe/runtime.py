@@ -27,7 +27,7 @@ from torch import nn
 
 from edgeopt.moe.cache import ExpertCache, Key
 from edgeopt.moe.loader import DEMAND, PREFETCH, Loader
-from edgeopt.moe.policy import HIGH, SKIP, PolicyConfig, Records, Replacement
+from edgeopt.moe.policy import HIGH, LOW, SKIP, PolicyConfig, Records, Replacement
 from edgeopt.moe.store import ExpertStore, LoadedExpert
 
 
@@ -80,6 +80,14 @@ class Engine:
         self.records = Records(self.n_layers)
         static_rank = {k: float(v) for k, v in (hot_counts or {}).items()}
         self.cache = ExpertCache(high_bytes, self.budget - high_bytes, Replacement(policy, self.records, static_rank))
+        # Prefetch (need → precision) only where the pool could keep such a record: a read no pool can
+        # keep (e.g. a zero-sized high-precision pool) would be a buffer outside the budget, and a
+        # low-precision stand-in would change what the token computes.
+        self.prefetch_precision = {
+            need: precision
+            for need, precision, pool in ((HIGH, self.high, self.cache.high), (LOW, self.low, self.cache.low))
+            if store.record_nbytes(precision) <= pool.capacity
+        }
         gates = [g.detach().float() for g in gate_weights]
         # Per layer, the next p layers' router weights stacked: prediction is one matmul.
         self.stacked_gates = [torch.cat(gates[i + 1 : i + 1 + policy.prefetch_layers] or [gates[i][:0]])
@@ -214,21 +222,13 @@ class Engine:
                 chosen.add(e)
                 key = (target, e)
                 self.cache.pinned.add(key)
-                precision = self._prefetch_precision(need)
+                precision = self.prefetch_precision.get(need)
                 if precision and self.cache.get(key, allow_low=True) is None and not self._queued(target, e):
                     self._submit(target, e, precision, prefetch=True)
                     missing = True
             self.predictions[target] = chosen
             if missing:
                 break
-
-    def _prefetch_precision(self, need: int) -> str | None:
-        """The precision to prefetch at, or None where its pool could never keep such a record
-        (e.g. a zero-sized high-precision pool): that read would be a buffer outside the budget,
-        and a low-precision stand-in would change what the token computes."""
-        precision = self.high if need == HIGH else self.low
-        pool = self.cache.high if need == HIGH else self.cache.low
-        return precision if self.store.record_nbytes(precision) <= pool.capacity else None
 
     # -- the experts call -------------------------------------------------------------------------
     def run_experts(

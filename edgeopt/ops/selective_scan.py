@@ -62,20 +62,20 @@ def selective_scan(
     autograd, nothing tracing or exporting), else "chunked" (training and exported graphs).
     """
     tensors = (u, delta, A, B, C, D, z, delta_bias)
+    kernel = _fused_kernel() if backend in (None, "fused") else None
     if backend is None:
         if u.is_cuda and not return_states and _mamba_kernel() is not None:
             backend = "cuda"
         else:
-            kernel = _fused_kernel()
             backend = "fused" if kernel is not None and kernel.fused_allowed(*tensors) else "chunked"
-    if backend not in BACKENDS:
-        raise unknown_name("selective-scan backend", backend, BACKENDS)
-    if backend == "fused":
-        kernel = _fused_kernel()
+    elif backend == "fused":
         if kernel is None:
             raise ValueError("the fused kernel could not be loaded (see the warning); use backend='chunked'")
         if not kernel.fused_allowed(*tensors):
             raise ValueError("the fused kernel runs only on CPU without autograd or tracing; use backend='chunked'")
+    if backend not in BACKENDS:
+        raise unknown_name("selective-scan backend", backend, BACKENDS)
+    if backend == "fused":
         out, states = kernel.fused_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_states)
         return (out.to(u.dtype), states) if return_states else out.to(u.dtype)
     if backend == "cuda":

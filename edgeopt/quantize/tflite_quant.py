@@ -145,17 +145,24 @@ def quantize_static(
     return _finish(q, fp32_path, keep_float, out_path, {key: samples})
 
 
-def const_lhs_matmuls(path: Path) -> list[str]:
-    """Scopes of BATCH_MATMULs whose *left* operand is a weight (einsum `kcd,bkdl` in SS2D):
-    LiteRT's hybrid kernel only takes float lhs × int8 rhs, so dynamic-range int8 must skip them."""
+def _graph(path: Path) -> tuple[dict[int, dict], list[dict], set[int]]:
+    """The model's tensor details by index, its ops, and the tensors computed at run time
+    (op outputs and model inputs): every other op input is a constant."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path))
-    names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     computed = {t for op in ops for t in op["outputs"]} | {d["index"] for d in interpreter.get_input_details()}
+    return details, ops, computed
+
+
+def const_lhs_matmuls(path: Path) -> list[str]:
+    """Scopes of BATCH_MATMULs whose *left* operand is a weight (einsum `kcd,bkdl` in SS2D):
+    LiteRT's hybrid kernel only takes float lhs × int8 rhs, so dynamic-range int8 must skip them."""
+    details, ops, computed = _graph(path)
     return [
-        "(^|;)" + re.escape(names[op["outputs"][0]]) + ";"
+        "(^|;)" + re.escape(details[op["outputs"][0]]["name"]) + ";"
         for op in ops
         if op["op_name"] == "BATCH_MATMUL" and op["inputs"][0] not in computed
     ]
@@ -164,12 +171,7 @@ def const_lhs_matmuls(path: Path) -> list[str]:
 def weighted_elementwise(path: Path) -> list[tuple[str, str]]:
     """(op name, scope) of the elementwise ops with a weight-sized constant input (SS2D's A, which
     litert-torch stores twice: in `dt * A` and in a CONCATENATION feeding the chunk decays)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    ops = interpreter._get_ops_details()
-    computed = {t for op in ops for t in op["outputs"]} | {d["index"] for d in interpreter.get_input_details()}
+    details, ops, computed = _graph(path)
     return [
         (op["op_name"], "(^|;)" + re.escape(details[op["outputs"][0]]["name"]) + ";")
         for op in ops
