@@ -2,16 +2,23 @@
 
     python benchmarks/bench_quantize.py [--model digits-vmamba --checkpoint targets/checkpoints/digits-vmamba.safetensors --size 32]
 
-Without the checkpoint it falls back to a small conv net trained here on 8x8 digits (seconds).
-Prints, per format/precision: file size and ratio vs that format's fp32 file, eval top-1 and
-drop vs PyTorch fp32, cosine vs PyTorch, batch-1 latency (median of --runs after warm-up) and
-speed ratio vs the fp32 file — all measured in one run on this machine.
+`--model small-cnn` (or a missing checkpoint) takes a small conv net trained here on 8x8 digits
+(seconds), a model whose time is in its weight ops. Prints, per format/precision: file size and
+ratio vs that format's fp32 file, the same ratio for the stored constants alone (weights, scales,
+shape constants; the rest of the file is graph structure, which quantization cannot shrink), eval
+top-1 and drop vs PyTorch fp32, cosine vs PyTorch, batch-1 latency (median of --runs after warm-up)
+and speed ratio vs the fp32 file — all measured in one run on this machine. For ONNX it also prints
+the weight ops' share of the fp32 model's kernel time (onnxruntime's profiler), which bounds what
+int8 kernels can gain: 1 / (1 - share) if they took no time at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +32,12 @@ from edgeopt.evaluate import parity, run_onnx, run_tflite, torch_outputs
 from edgeopt.exporters.onnx import export_onnx
 from edgeopt.exporters.tflite import export_tflite
 from edgeopt.models import build_model
-from edgeopt.passes.quantize import deployable_size_mb, quantize_file
+from edgeopt.passes.quantize import make_deployable, quantize_file
 from edgeopt.quantize import quantizable_layers
 from edgeopt.quantize.sensitivity import accuracy, select_float_layers
 
 VARIANTS = {"onnx": ["fp32", "static", "dynamic", "fp16"], "tflite": ["fp32", "static", "dynamic"]}
+WEIGHT_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}  # what int8 kernels can speed up in onnxruntime
 
 
 def small_cnn(splits, epochs: int = 6) -> nn.Module:
@@ -81,6 +89,43 @@ def latency_ms(fmt: str, path: Path, sample: np.ndarray, threads: int, runs: int
     return 1e3 * float(np.median(times))
 
 
+def deployable_bytes(path: Path) -> tuple[int, int]:
+    """(file bytes, stored-constant bytes) of the file as shipped (`make_deployable`, on a copy)."""
+    with tempfile.TemporaryDirectory() as work:
+        shipped = make_deployable(Path(shutil.copy(path, Path(work) / path.name)))
+        total = shipped.stat().st_size
+        if shipped.suffix == ".onnx":
+            import onnx
+            from onnx import numpy_helper
+
+            graph = onnx.load(str(shipped)).graph
+            tensors = [*graph.initializer, *(a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute)]
+            return total, sum(numpy_helper.to_array(t).nbytes for t in tensors)
+        from ai_edge_litert.tools import flatbuffer_utils
+
+        model = flatbuffer_utils.read_model(str(shipped))
+        return total, sum(len(b.data) for b in model.buffers if b.data is not None)
+
+
+def weight_op_share(path: Path, sample: np.ndarray, threads: int, runs: int) -> float:
+    """Share of onnxruntime's kernel time spent in weight ops (MatMul/Gemm/Conv), from its profiler."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as work:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.enable_profiling = threads, True
+        options.profile_file_prefix = str(Path(work) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, {session.get_inputs()[0].name: sample})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    return sum(by_op[op] for op in WEIGHT_OPS) / max(1, sum(by_op.values()))
+
+
 def mixed_precision(fmt, model, fp32, calib, x, y, float_top1, budget, work: Path) -> Path:
     """int8 static with the most sensitive layers kept in float until the top-1 budget holds."""
     run = run_onnx if fmt == "onnx" else run_tflite
@@ -100,7 +145,7 @@ def mixed_precision(fmt, model, fp32, calib, x, y, float_top1, budget, work: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="digits-vmamba")
+    parser.add_argument("--model", default="digits-vmamba", help="a registered model, or small-cnn")
     parser.add_argument("--checkpoint", type=Path, default=Path("targets/checkpoints/digits-vmamba.safetensors"))
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
@@ -111,12 +156,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-    if args.checkpoint.is_file():
+    if args.model != "small-cnn" and args.checkpoint.is_file():
         splits = load_dataset("digits", size=args.size)
         model, name = build_model(args.model, checkpoint=args.checkpoint), f"{args.model} ({args.checkpoint})"
     else:
         splits = load_dataset("digits", size=8)
-        model, name = small_cnn(splits), f"small CNN on 8x8 digits ({args.checkpoint} absent)"
+        absent = "" if args.model == "small-cnn" else f" ({args.checkpoint} absent)"
+        model, name = small_cnn(splits), f"small CNN on 8x8 digits{absent}"
     x, y = splits.eval.x.numpy(), splits.eval.y.numpy()
     calib = splits.calib.x[: args.calibration_samples].numpy()
     reference = torch_outputs(model, x)
@@ -124,7 +170,10 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {name}, {params / 1e3:.1f} k params; eval {len(y)} samples; PyTorch fp32 top-1 {float_top1:.2f}")
     print(f"latency: batch 1, {args.threads} thread(s), median of {args.runs} after warm-up, same runtime per block")
-    header = f"{'format/precision':<21}{'size MB':>9}{'size x':>8}{'top-1':>8}{'drop':>7}{'cosine':>9}{'ms':>9}{'speed x':>9}"
+    header = (
+        f"{'format/precision':<21}{'size MB':>9}{'size x':>8}{'consts x':>9}{'graph KB':>9}"
+        f"{'top-1':>8}{'drop':>7}{'cosine':>9}{'ms':>9}{'speed x':>9}"
+    )
     print(header)
     print("-" * len(header))
     sample = x[:1]
@@ -135,7 +184,7 @@ def main() -> None:
             # the exporters' node → module records (metadata, names) stay for keep_float and mixed
             # precision; sizes are of the files as shipped, without them
             fp32 = (export_onnx if fmt == "onnx" else export_tflite)(model, example, fp32_path, keep_metadata=True)
-            base_ms = base_mb = None
+            base_ms = base_bytes = base_consts = None
             variants = VARIANTS[fmt] + (["mixed"] if args.mixed_budget >= 0 else [])
             for mode in variants:
                 if mode == "mixed":
@@ -145,13 +194,20 @@ def main() -> None:
                 else:
                     path = quantize_file(fmt, mode, fp32, calib, Path(work) / f"{mode}.{fmt}")
                 out = run(path, x)
-                top1, mb = accuracy(out, y), deployable_size_mb(path)
+                top1, (size, consts) = accuracy(out, y), deployable_bytes(path)
                 ms = latency_ms(fmt, path, sample, args.threads, args.runs)
-                base_ms, base_mb = base_ms or ms, base_mb or mb
+                base_ms, base_bytes, base_consts = base_ms or ms, base_bytes or size, base_consts or consts
                 label = f"{fmt} {'int8 ' + mode if mode in ('static', 'dynamic', 'mixed') else mode}"
                 print(
-                    f"{label:<21}{mb:>9.3f}{base_mb / mb:>8.2f}{top1:>8.2f}{float_top1 - top1:>7.2f}"
+                    f"{label:<21}{size / 1e6:>9.3f}{base_bytes / size:>8.2f}{base_consts / consts:>9.2f}"
+                    f"{(size - consts) / 1e3:>9.1f}{top1:>8.2f}{float_top1 - top1:>7.2f}"
                     f"{parity(reference, out)['cosine']:>9.5f}{ms:>9.4f}{base_ms / ms:>9.2f}"
+                )
+            if fmt == "onnx":
+                share = weight_op_share(fp32, sample, args.threads, args.runs)
+                print(
+                    f"  onnx fp32: weight ops ({', '.join(sorted(WEIGHT_OPS))}) are {100 * share:.1f}% of kernel "
+                    f"time, so int8 kernels can make it at most {1 / (1 - share):.2f}x faster"
                 )
 
 

@@ -103,28 +103,46 @@ def check_tensorrt_onnx(model_path: Path, precision: str | None = None) -> str:
         raise InputError(f"{name} has Q/DQ nodes, so TensorRT runs it as int8: use precision int8 or mixed, "
                          f"not {precision}")
     initializers = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list] = {}
     for node in model.graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    for index, node in enumerate(model.graph.node):
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
+        where = _qdq_place(index, node, consumers)
         data = initializers.get(node.input[0])
         if node.op_type == "DequantizeLinear" and data is not None and data.data_type == TensorProto.INT32:
-            raise InputError(f"{name}: '{node.input[0]}' is an int32-quantized bias (DequantizeLinear "
-                             f"'{node.name}'); TensorRT takes int8 Q/DQ only: quantize with QuantizeBias: False")
+            raise InputError(f"{name}: {where} holds an int32-quantized bias; TensorRT takes int8 Q/DQ only: "
+                             f"quantize with QuantizeBias: False")
         zero = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if zero is None or uses_external_data(zero):
             continue
         values = numpy_helper.to_array(zero)
         if zero.data_type != TensorProto.INT8 or values.any():
             kind = TensorProto.DataType.Name(zero.data_type).lower()
-            raise InputError(f"{name}: TensorRT supports only symmetric int8 Q/DQ, but {node.op_type} "
-                             f"'{node.name}' has {kind} zero point {values.ravel()[:3].tolist()}; quantize with "
-                             f"symmetric int8 activations (the quantize pass does so for a Jetson profile)")
+            raise InputError(f"{name}: TensorRT supports only symmetric int8 Q/DQ, but {where} has {kind} "
+                             f"zero point {values.ravel()[:3].tolist()}; quantize with symmetric int8 "
+                             f"activations (the quantize pass does so for a Jetson profile)")
     for tensor in model.graph.input:
         dims = tensor.type.tensor_type.shape.dim[1:]
         if tensor.name not in initializers and any(d.dim_param or d.dim_value <= 0 for d in dims):
             raise InputError(f"{name}: input '{tensor.name}' is dynamic beyond the batch dimension; "
                              f"TensorRT engines here need a fixed input shape")
     return precision
+
+
+def _qdq_place(index: int, node, consumers: dict[str, list]) -> str:
+    """A Q/DQ node by the ops it quantizes for ("QuantizeLinear #4 (into MatMul)", looking through
+    its DequantizeLinear): deployable graphs carry short generated node names, which say nothing."""
+    into, frontier = set(), [node]
+    while frontier:
+        for user in consumers.get(frontier.pop().output[0], []):
+            if user.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                frontier.append(user)
+            else:
+                into.add(user.op_type)
+    return f"{node.op_type} #{index} (into {', '.join(sorted(into)) or 'the graph output'})"
 
 
 def _eval_arrays(eval_x: np.ndarray, eval_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
