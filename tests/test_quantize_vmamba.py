@@ -80,12 +80,14 @@ def test_tflite_static_keeps_accuracy_with_weight_only_projections(splits, tmp_p
         if i >= 0 and i not in computed and details[i]["dtype"] == np.float32 and np.prod(details[i]["shape"]) >= 1024
     ]
     assert not big_float_constants  # projections, convs and the scan's A (stored twice) are all int8
+    weight_lhs = []  # per BATCH_MATMUL: is its left operand an int8 weight (x_proj, dt_proj) or the scan's state
     for op in ops:
-        if op["op_name"] == "BATCH_MATMUL":  # int8 weight dequantized at load, float activations
-            assert details[op["inputs"][1]]["dtype"] == np.float32 and details[op["outputs"][0]]["dtype"] == np.float32
-            assert by_output[op["inputs"][0]]["op_name"] == "DEQUANTIZE"
+        if op["op_name"] == "BATCH_MATMUL":  # float activations; a weight is int8 dequantized at load
+            assert all(details[i]["dtype"] == np.float32 for i in (*op["inputs"], *op["outputs"]))
+            weight_lhs.append(by_output[op["inputs"][0]]["op_name"] == "DEQUANTIZE")
         if op["op_name"] == "FULLY_CONNECTED":
             assert details[op["inputs"][1]]["dtype"] == np.int8
+    assert sorted(weight_lhs) == [False] * 2 + [True] * 4  # the two scan readouts stay float
 
 
 @pytest.mark.parametrize(
