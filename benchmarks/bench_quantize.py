@@ -20,11 +20,11 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_ms
 from torch import nn
 
 from edgeopt.data import load_dataset
@@ -79,14 +79,7 @@ def latency_ms(fmt: str, path: Path, sample: np.ndarray, threads: int, runs: int
             interpreter.set_tensor(index, sample)
             interpreter.invoke()
 
-    for _ in range(max(10, runs // 10)):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return median_ms(call, runs, warmup=max(10, runs // 10))
 
 
 def deployable_bytes(path: Path) -> tuple[int, int]:
