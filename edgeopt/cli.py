@@ -1,7 +1,7 @@
 """The `edgeopt` command line: optimize, export, profile, report, profiles, passes.
 
 Exit codes: 0 success, 1 a budget was missed, 2 usage or input error (one line;
-the traceback only with --debug).
+the traceback only with --debug), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ class EdgeoptGroup(click.Group):
         except BudgetMissed as exc:
             err_console.print(f"[bold yellow]budget missed:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # click would exit 1, which means "a budget was missed"
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            err_console.print("[bold red]interrupted[/]", highlight=False)
+            sys.exit(130)
 
 
 @click.group(cls=EdgeoptGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,12 +127,15 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
     from edgeopt.data import load_dataset
     from edgeopt.evaluate import artifact_outputs, parity, torch_outputs
     from edgeopt.exporters import export
-    from edgeopt.models import build_model
+    from edgeopt.fileio import writable_dir
+    from edgeopt.models import build_model, check_input_shape
     from edgeopt.recipes import load_recipe
 
     loaded = load_recipe(recipe)
+    writable_dir(out.parent)  # before the export, not after it
     spec = loaded.model
     model = build_model(spec.name, spec.kwargs, spec.checkpoint)
+    check_input_shape(model, spec.input_shape)
     example = ModelArtifact("torch", Path(), ModelSource(spec.name), tuple(spec.input_shape)).example_input(2)
     if fmt == "tensorrt":
         from edgeopt.exporters.tensorrt import build_engine_from_model
@@ -304,12 +312,14 @@ def passes_list() -> None:
 
     _load_builtins()
     table = Table()
-    table.add_column("pass")
-    table.add_column("config (default)")
+    for column in ("pass", "option", "default", "meaning"):
+        table.add_column(column)
     for name in PASSES.names():
         cls = PASSES.get(name)
-        fields = ", ".join(f"{k}={v.default!r}" for k, v in cls.Config.model_fields.items())
-        table.add_row(name, fields)
+        for index, (key, field) in enumerate(cls.Config.model_fields.items()):
+            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            table.add_row(name if index == 0 else "", key, default, field.description or "")
+        table.add_section()
     console.print(table)
 
 
@@ -317,7 +327,8 @@ def _attach_plugins() -> None:
     """Command groups that live with their feature (MoE runtime, device inventory)."""
     import importlib
 
-    for module, attr in (("edgeopt.moe.cli", "moe"), ("edgeopt.profiler.cli", "devices"), ("edgeopt.sweep", "sweep")):
+    for module, attr in (("edgeopt.moe.cli", "moe"), ("edgeopt.profiler.cli", "devices"), ("edgeopt.sweep", "sweep"),
+                         ("edgeopt.stepcache", "cache")):
         cli.add_command(getattr(importlib.import_module(module), attr))
 
 

@@ -1,7 +1,12 @@
-"""Atomic file writes: a crash or an error never leaves a half-written artifact."""
+"""Atomic file writes: a crash or an error never leaves a half-written artifact.
+
+Also the checks made before long work: that an output directory is writable, and that no
+other edgeopt run is using it.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -60,3 +65,41 @@ def write_with(target: Path, writer: Callable[[Path], None]) -> Path:
     with atomic_path(target) as tmp:
         writer(tmp)
     return Path(target)
+
+
+def writable_dir(directory: Path) -> Path:
+    """Create `directory` if needed and prove it takes files, before any long work starts."""
+    from edgeopt.errors import InputError
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write to {directory}: {exc.strerror or exc}") from None
+    return directory
+
+
+LOCK_FILE = ".edgeopt.lock"
+
+
+@contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """Hold an advisory lock (fcntl) on `directory` so a second run on it refuses in one line
+    instead of redoing the work and racing on the same files. The kernel drops the lock when
+    the process ends, however it ends."""
+    from edgeopt.errors import InputError
+
+    directory = writable_dir(directory)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"{directory} is in use by another edgeopt run; wait for it or choose another --out") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +26,13 @@ from edgeopt.data import Splits, load_dataset
 from edgeopt.errors import InputError
 from edgeopt.evaluate import artifact_outputs, count_params, size_mb, top1_accuracy
 from edgeopt.exporters import FORMAT_RUNTIME, SUFFIX, export
-from edgeopt.fileio import write_json
-from edgeopt.models import build_model, resolve_factory
+from edgeopt.fileio import exclusive, write_json
+from edgeopt.models import build_model, check_input_shape, resolve_factory
 from edgeopt.passes import Pass, PassContext, make_pass
 from edgeopt.passes.export import host_format
 from edgeopt.profiles import Budgets, Profile
 from edgeopt.recipes import Recipe
+from edgeopt.stepcache import StepCache, default_cache_dir, file_sha256
 
 MANIFEST = "manifest.json"
 Notify = Callable[[str], None]
@@ -67,16 +67,17 @@ class Pipeline:
     device: str | None = None
     timing: Timing = field(default_factory=Timing)
     notify: Notify = lambda message: None
+    cache_dir: Path | None = None  # the shared step cache [default: edgeopt.stepcache.default_cache_dir()]
 
     def run(self) -> list[StepResult]:
         passes = [make_pass(spec.name, spec.config) for spec in self.recipe.passes]  # fail before any work
         splits = load_dataset(self.recipe.dataset.name, **self.recipe.dataset.kwargs)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        steps = [self._original(splits)]
-        for index, the_pass in enumerate(passes, start=1):
-            steps.append(self._step(index, the_pass, splits, steps))
-        self._remove_stale_steps(steps)
-        self._write_bundle(steps[-1], splits)
+        with exclusive(self.run_dir):  # writable, and no other run on it (checked before any work)
+            steps = [self._original(splits)]
+            for index, the_pass in enumerate(passes, start=1):
+                steps.append(self._step(index, the_pass, splits, steps))
+            self._remove_stale_steps(steps)
+            self._write_bundle(steps[-1], splits)
         return steps
 
     # -- steps -------------------------------------------------------------
@@ -95,6 +96,7 @@ class Pipeline:
 
         def make(ctx_metrics: dict[str, Any]) -> ModelArtifact:
             model = build_model(spec.name, spec.kwargs, spec.checkpoint)
+            check_input_shape(model, spec.input_shape)
             path = step_dir / "model.safetensors"
             save_weights(model, path)
             source = ModelSource(spec.name, dict(spec.kwargs))
@@ -149,7 +151,7 @@ class Pipeline:
         found = None
         if manifest and manifest.get("input_hash") == key:
             artifact = ModelArtifact.from_json(manifest["artifact"])
-            if artifact.path.is_file():
+            if _intact(artifact.path, manifest.get("artifact_sha256")):
                 if manifest.get("measure_key") == measure_key:
                     self.notify(f"{step_dir.name}: unchanged, skipped")
                     return StepResult(index, name, step_dir, artifact, manifest["metrics"], True, manifest["wall_s"])
@@ -175,6 +177,7 @@ class Pipeline:
                 "input_hash": key,
                 "measure_key": measure_key,
                 "artifact": artifact.to_json(),
+                "artifact_sha256": file_sha256(artifact.path),
                 "metrics": metrics,
                 "wall_s": wall,
             },
@@ -194,37 +197,18 @@ class Pipeline:
 
     # -- the shared, content-addressed step cache ---------------------------
     @property
-    def cache_dir(self) -> Path:
-        return self.run_dir.parent / ".edgeopt-cache"
+    def step_cache(self) -> StepCache:
+        return StepCache(self.cache_dir or default_cache_dir(), warn=self.notify)
 
     def _to_shared_cache(self, key: str, step_dir: Path, artifact: ModelArtifact, pass_metrics: dict[str, Any],
                          wall: float) -> None:
-        entry = self.cache_dir / key
-        if entry.exists():
-            return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.cache_dir))  # unique: runs may race
-        try:
-            shutil.copytree(step_dir, tmp, ignore=shutil.ignore_patterns(MANIFEST, "profiled"), dirs_exist_ok=True)
-            record = {"artifact": artifact.to_json(), "relative": str(artifact.path.relative_to(step_dir)),
-                      "pass": pass_metrics, "wall_s": wall}
-            write_json(tmp / "entry.json", record)
-            os.replace(tmp, entry)
-        except OSError:
-            pass  # another run stored the same entry first; ours was only a copy
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self.step_cache.store(key, step_dir, artifact, pass_metrics, wall)
 
     def _from_shared_cache(self, key: str, step_dir: Path) -> tuple[ModelArtifact, dict[str, Any], float] | None:
-        entry = self.cache_dir / key
-        if not (entry / "entry.json").is_file():
-            return None
-        record = json.loads((entry / "entry.json").read_text())
-        shutil.rmtree(step_dir, ignore_errors=True)
-        shutil.copytree(entry, step_dir, ignore=shutil.ignore_patterns("entry.json"))
-        artifact = ModelArtifact.from_json({**record["artifact"], "path": str(step_dir / record["relative"])})
-        self.notify(f"{step_dir.name}: reused from the step cache")
-        return artifact, record["pass"], record["wall_s"]
+        found = self.step_cache.fetch(key, step_dir)
+        if found is not None:
+            self.notify(f"{step_dir.name}: reused from the step cache")
+        return found
 
     # -- measurement -------------------------------------------------------
     def _measure(self, artifact: ModelArtifact, splits: Splits, step_dir: Path) -> dict[str, Any]:
@@ -392,8 +376,19 @@ def _source_hash(obj: Any) -> str | None:
 
 
 def _read_manifest(step_dir: Path) -> dict[str, Any] | None:
-    path = step_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The step's manifest; a damaged one counts as absent (the step is then redone)."""
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_text())
+        ModelArtifact.from_json(manifest["artifact"])
+        manifest["metrics"], manifest["wall_s"]  # noqa: B018
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _intact(path: Path, sha256: str | None) -> bool:
+    """The step's artifact exists and (when its manifest recorded one) matches its checksum."""
+    return path.is_file() and (sha256 is None or file_sha256(path) == sha256)
 
 
 def _hash(data: Any) -> str:

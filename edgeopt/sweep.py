@@ -22,7 +22,7 @@ from edgeopt.errors import InputError
 from edgeopt.evaluate import top1_accuracy, torch_outputs
 from edgeopt.fileio import write_json, write_with
 from edgeopt.lowrank.measure import export_for_timing, macs, ort_latency_ms, params, ss2d_params
-from edgeopt.models import build_model
+from edgeopt.models import build_model, check_input_shape
 from edgeopt.passes import PassContext, make_pass
 from edgeopt.profiles import load_profile
 from edgeopt.recipes import Recipe, load_recipe
@@ -58,6 +58,7 @@ def run_sweep(
     splits = load_dataset(recipe.dataset.name, **recipe.dataset.kwargs)
     spec = recipe.model
     teacher_module = build_model(spec.name, spec.kwargs, spec.checkpoint)
+    check_input_shape(teacher_module, spec.input_shape)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(teacher_module, out_dir / "teacher.safetensors")
     teacher = ModelArtifact(TORCH, out_dir / "teacher.safetensors", ModelSource(spec.name, dict(spec.kwargs)),

@@ -18,7 +18,7 @@ FAST = Timing(warmup=2, runs=5, min_seconds=0.05)
 
 def _pipeline(root: Path, out: Path, recipe_path: Path | None = None) -> Pipeline:
     recipe = load_recipe(recipe_path or root / "targets" / "digits-mlp.yaml")
-    return Pipeline(recipe, load_profile("x86-cpu"), out, timing=FAST)
+    return Pipeline(recipe, load_profile("x86-cpu"), out, timing=FAST, cache_dir=out.parent / "cache")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_budget_verdict(first_run, root):
 def test_other_profile_reuses_profile_independent_steps(first_run, root):
     out, steps = first_run
     other = Pipeline(load_recipe(root / "targets" / "digits-mlp.yaml"), load_profile("jetson-orin-nano"),
-                     out.parent / "other-profile", timing=FAST)
+                     out.parent / "other-profile", timing=FAST, cache_dir=out.parent / "cache")
     other_steps = other.run()
     # original, lowrank and finetune come from the shared step cache; export depends on the profile
     assert [s.cached for s in other_steps] == [True, True, True, False]

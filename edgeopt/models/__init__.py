@@ -105,6 +105,19 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None, checkpoint: Pat
     return model.eval()
 
 
+def check_input_shape(model: nn.Module, input_shape: list[int] | tuple[int, ...]) -> None:
+    """One forward pass on a zero batch of `input_shape`, so a wrong shape is named here in one
+    line rather than by the exporter (which blames an unsupported op after pages of log)."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((2, *input_shape)))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(
+            f"model.input_shape {list(input_shape)} (one sample, batch excluded) does not fit the model: {reason}"
+        ) from None
+
+
 _BUILTINS_LOADED = False
 
 

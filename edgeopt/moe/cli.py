@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -41,6 +42,9 @@ def pack_cmd(model: Path, out: Path, precisions: str) -> None:
         raise InputError("--precisions needs a high precision (fp16 or fp32)")
     if not Path(model).exists():
         raise InputError(f"model not found: {model}")
+    from edgeopt.fileio import writable_dir
+
+    writable_dir(out)  # before quantizing every expert, not after
     with Progress(console=console, transient=True) as progress:
         probe, _ = load_source(model)
         from edgeopt.moe.blocks import find_moe_blocks
@@ -59,45 +63,105 @@ def _policy_choice() -> click.Choice:
 
 @moe.command("run")
 @click.argument("store", type=click.Path(path_type=Path), default=DEFAULT_STORE)
-@click.option("--prompt", default="def main(", show_default=True, help="Text prompt (bytes for moe-lm; token ids for HF: '1 2 3').")
-@click.option("--tokens", "new_tokens", default=64, show_default=True, help="Tokens to generate (greedy).")
+@click.option("--prompt", default="def main(", show_default=True,
+              help="Text prompt (bytes for moe-lm; an HF store encodes it with the model's tokenizer.json).")
+@click.option("--prompt-ids", default=None, help="HF stores: the prompt as space-separated token ids instead of text.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
+              help="HF stores: tokenizer.json (or its directory) [default: the store's, else the packed model directory's].")
+@click.option("--tokens", "new_tokens", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Tokens to generate (greedy).")
 @click.option("--policy", type=_policy_choice(), default="hobbit", show_default=True)
-@click.option("--budget-fraction", type=float, default=None, help="Cache budget as a fraction of the fp16 expert bytes.")
+@click.option("--budget-fraction", type=float, default=None,
+              help="Cache budget as a fraction (0, 1] of the fp16 expert bytes [default: 0.25 when no budget is given].")
 @click.option("--budget-mb", type=float, default=None, help="Cache budget in MiB.")
 @click.option("--profile", default=None, help="Take the budget from a hardware profile's memory_mb.")
 @click.option("--t1", type=float, default=None, help="s <= T1 loads high precision (hobbit: 0.6).")
 @click.option("--t2", type=float, default=None, help="s > T2 is skipped (hobbit: 0.9).")
 @click.option("--prefetch", "prefetch_layers", type=int, default=None, help="Layers to predict ahead (hobbit: 1).")
-def run_cmd(store, prompt, new_tokens, policy, budget_fraction, budget_mb, profile, t1, t2, prefetch_layers) -> None:
-    """Generate from STORE with offloaded experts and print cache statistics."""
+def run_cmd(store, prompt, prompt_ids, tokenizer_path, new_tokens, policy, budget_fraction, budget_mb, profile, t1, t2,
+            prefetch_layers) -> None:
+    """Generate from STORE with offloaded experts and print cache statistics.
+
+    Give at most one of --budget-fraction, --budget-mb and --profile.
+    """
     from edgeopt.moe.offload import OffloadedLM
 
-    if budget_fraction is None and budget_mb is None and profile is None:
-        budget_fraction = 0.25
+    budget_fraction, budget_bytes = _budget(budget_fraction, budget_mb, profile)
+    if prompt_ids is None and not prompt:
+        raise InputError("--prompt is empty; give some text to continue")
     lm = OffloadedLM(
-        store, policy,
-        budget_bytes=int(budget_mb * 2**20) if budget_mb is not None else None,
-        budget_fraction=budget_fraction, profile=profile,
+        store, policy, budget_bytes=budget_bytes, budget_fraction=budget_fraction, profile=profile,
         t1=t1, t2=t2, prefetch_layers=prefetch_layers,
     )
-    if lm.kind == "hf":
-        try:
-            ids = torch.tensor([[int(t) for t in prompt.split()]])
-        except ValueError:
-            raise InputError("HF models take --prompt as space-separated token ids") from None
+    try:
+        if lm.kind == "hf":
+            tokenizer = None if prompt_ids is not None else load_tokenizer(Path(store), lm.store.manifest["model"],
+                                                                          tokenizer_path)  # fmt: skip
+            ids = _token_ids(prompt_ids) if tokenizer is None else tokenizer.encode(prompt).ids
+            if not ids:
+                raise InputError("the prompt encodes to no tokens")
+            ids = torch.tensor([ids])
+        else:
+            if prompt_ids is not None:
+                raise InputError("--prompt-ids is for HF stores; a moe-lm store takes --prompt text")
+            ids = torch.tensor([list(prompt.encode())])
+        with console.status("decoding"):
+            out = lm.generate(ids, new_tokens)
+        stats = lm.engine.stats
+    finally:
+        lm.close()
+    if lm.kind != "hf":
+        text = bytes(out[0].tolist()).decode(errors="replace")
     else:
-        ids = torch.tensor([list(prompt.encode())])
-    with console.status("decoding"):
-        out = lm.generate(ids, new_tokens)
-    stats = lm.engine.stats
-    lm.close()
-    text = bytes(out[0].tolist()).decode(errors="replace") if lm.kind != "hf" else " ".join(map(str, out[0].tolist()))
+        text = " ".join(map(str, out[0].tolist())) if tokenizer is None else tokenizer.decode(out[0].tolist())
     console.print(text, markup=False, highlight=False)
     console.print(
         f"[dim]policy {policy}: hit rate {stats.hit_rate:.2f}, high/low/skipped uses "
         f"{stats.high_uses}/{stats.low_uses}/{stats.skipped}, read {lm.store.bytes_read / 2**20:.1f} MiB, "
         f"loader stall {stats.stall_s * 1e3:.0f} ms[/dim]"
     )
+
+
+def _budget(fraction: float | None, mb: float | None, profile: str | None) -> tuple[float | None, int | None]:
+    """(fraction, bytes) after checking the budget options: at most one, finite and in range."""
+    given = [name for name, value in (("--budget-fraction", fraction), ("--budget-mb", mb), ("--profile", profile))
+             if value is not None]  # fmt: skip
+    if len(given) > 1:
+        raise InputError(f"give one cache budget, not {' and '.join(given)}")
+    if fraction is not None and not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise InputError(f"--budget-fraction must be in (0, 1], got {fraction}")
+    if mb is not None and not (math.isfinite(mb) and mb > 0):
+        raise InputError(f"--budget-mb must be a positive number of MiB, got {mb}")
+    if not given:
+        fraction = 0.25
+    return fraction, None if mb is None else int(mb * 2**20)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split()]
+    except ValueError:
+        raise InputError("--prompt-ids takes space-separated token ids, e.g. '1 2 3'") from None
+    if any(i < 0 for i in ids):
+        raise InputError("--prompt-ids must not be negative")
+    return ids
+
+
+def load_tokenizer(store: Path, model_info: dict, given: Path | None):  # noqa: ANN201
+    """The HF model's `tokenizers` tokenizer: --tokenizer, else the store's tokenizer.json, else the one
+    in the model directory the store was packed from."""
+    from tokenizers import Tokenizer
+
+    candidates = [given] if given is not None else [store, Path(model_info.get("source", store))]
+    for candidate in candidates:
+        path = candidate / "tokenizer.json" if candidate.is_dir() else candidate
+        if path.is_file():
+            try:
+                return Tokenizer.from_file(str(path))
+            except Exception as exc:  # the tokenizers library raises a bare Exception on a bad file
+                raise InputError(f"cannot read tokenizer {path}: {str(exc).splitlines()[0]}") from None
+    where = " or ".join(str(c) for c in candidates)
+    raise InputError(f"no tokenizer.json in {where}; give --tokenizer, or the prompt as --prompt-ids '1 2 3'")
 
 
 @moe.command("bench")

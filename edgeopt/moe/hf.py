@@ -32,12 +32,16 @@ def load_hf_model(directory: Path) -> tuple[nn.Module, dict]:
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         _check_type(config.model_type, str(directory))
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+        if not any(directory.glob("*.safetensors")):  # a pytorch_model.bin is a pickle: it can run code
+            raise InputError(f"{directory} has no .safetensors weights (edgeopt never loads pickled .bin checkpoints)")
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32,
+                                                     use_safetensors=True)
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"cannot load Hugging Face model from {directory}: {exc}") from exc
-    return model.eval(), {"kind": "hf", "config": config.to_dict()}
+        raise InputError(f"cannot load Hugging Face model from {directory}: {str(exc).splitlines()[0]}") from exc
+    # `source` lets `moe run` find the model's tokenizer.json next to the weights
+    return model.eval(), {"kind": "hf", "config": config.to_dict(), "source": str(directory.resolve())}
 
 
 def hf_from_config(config_dict: dict) -> nn.Module:
