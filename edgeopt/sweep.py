@@ -4,11 +4,14 @@ For every ratio the recipe's `lowrank` step runs with that ratio (its other opti
 `distill` step; accuracy is measured with and without distillation on the eval split, and every
 model is exported to ONNX and timed side by side in one ONNX Runtime session set (see
 `edgeopt.lowrank.measure`). Prints the table, writes `sweep.json` and an accuracy-vs-latency
-Pareto plot (`pareto.png`) into the output directory.
+Pareto plot (`pareto.png`) into the output directory. `sweep.json` is rewritten after every ratio,
+so an interrupted sweep keeps its finished rows, and a rerun with the same settings resumes: it
+reuses those rows' students and only times everything again.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ class Row:
     accuracy: float  # eval top-1 (after distillation for students)
     latency_ms: float = float("nan")
     distill: dict[str, Any] | None = None
+    artifact: dict[str, Any] | None = None  # the distilled student (ModelArtifact.to_json), for resuming
 
 
 def run_sweep(
@@ -69,32 +73,82 @@ def run_sweep(
     def accuracy(module: torch.nn.Module) -> float:
         return top1_accuracy(torch_outputs(module, eval_x), eval_y)
 
+    key = _sweep_key(recipe, lowrank_cfg, distill_cfg, profile_name)
+    finished = _finished_rows(out_dir / SWEEP_JSON, key)
     rows = [Row("teacher", None, params(teacher_module), ss2d_params(teacher_module), macs(teacher_module, example),
                 None, accuracy(teacher_module))]  # fmt: skip
     onnx = {"teacher": export_for_timing(teacher_module, example, out_dir / "teacher.onnx")}
+    _write_rows(out_dir, recipe.name, key, rows)
     for ratio in ratios:
         name = f"ratio {ratio:.2f}"
         step = out_dir / f"ratio-{ratio:.2f}"
-        ctx = PassContext(splits, profile, step / "lowrank", [teacher], seed=recipe.seed)
-        ctx.step_dir.mkdir(parents=True, exist_ok=True)
-        student = make_pass("lowrank", {**lowrank_cfg, "rank_ratio": ratio}).run(teacher, ctx)
-        lowrank_acc = accuracy(student.load_module())
-        log(f"{name}: factorized, eval top-1 {100 * lowrank_acc:.2f}% before distillation")
-        dctx = PassContext(splits, profile, step / "distill", [teacher, student], seed=recipe.seed)
-        dctx.step_dir.mkdir(parents=True, exist_ok=True)
-        distilled = make_pass("distill", distill_cfg).run(student, dctx).load_module()
-        row = Row(name, ratio, params(distilled), ss2d_params(distilled), macs(distilled, example), lowrank_acc,
-                  accuracy(distilled), distill={k: v for k, v in dctx.metrics.items() if k != "history"})  # fmt: skip
-        log(f"{name}: distilled, eval top-1 {100 * row.accuracy:.2f}% ({row.distill['steps']} steps)")
+        row = finished.get(ratio)
+        if row is not None:
+            distilled = ModelArtifact.from_json(row.artifact).load_module()
+            log(f"{name}: finished by an earlier run, reused from {SWEEP_JSON}")
+        else:
+            ctx = PassContext(splits, profile, step / "lowrank", [teacher], seed=recipe.seed)
+            ctx.step_dir.mkdir(parents=True, exist_ok=True)
+            student = make_pass("lowrank", {**lowrank_cfg, "rank_ratio": ratio}).run(teacher, ctx)
+            lowrank_acc = accuracy(student.load_module())
+            log(f"{name}: factorized, eval top-1 {100 * lowrank_acc:.2f}% before distillation")
+            dctx = PassContext(splits, profile, step / "distill", [teacher, student], seed=recipe.seed)
+            dctx.step_dir.mkdir(parents=True, exist_ok=True)
+            result = make_pass("distill", distill_cfg).run(student, dctx)
+            distilled = result.load_module()
+            row = Row(name, ratio, params(distilled), ss2d_params(distilled), macs(distilled, example), lowrank_acc,
+                      accuracy(distilled), distill={k: v for k, v in dctx.metrics.items() if k != "history"},
+                      artifact=result.to_json())  # fmt: skip
+            log(f"{name}: distilled, eval top-1 {100 * row.accuracy:.2f}% ({row.distill['steps']} steps)")
         rows.append(row)
         onnx[name] = export_for_timing(distilled, example, step / "student.onnx")
+        _write_rows(out_dir, recipe.name, key, rows)  # a later failure or timeout keeps this row
     log(f"timing {len(onnx)} ONNX models side by side ({threads} thread{'s' * (threads > 1)})")
     latency = ort_latency_ms(onnx, example.numpy(), threads=threads)
     for row in rows:
         row.latency_ms = latency[row.name]
-    write_json(out_dir / "sweep.json", {"recipe": recipe.name, "rows": [asdict(r) for r in rows]})
+    _write_rows(out_dir, recipe.name, key, rows)
     pareto_plot(rows, out_dir / "pareto.png", recipe.name)
     return rows
+
+
+SWEEP_JSON = "sweep.json"
+
+
+def _sweep_key(recipe: Recipe, lowrank_cfg: dict[str, Any], distill_cfg: dict[str, Any], profile_name: str) -> str:
+    """What makes a finished row reusable: the model, data, seed, both passes' settings and edgeopt's code."""
+    import hashlib
+    import json
+
+    from edgeopt.pipeline import code_version
+
+    data = {"model": recipe.model.model_dump(mode="json"), "dataset": recipe.dataset.model_dump(mode="json"),
+            "seed": recipe.seed, "lowrank": lowrank_cfg, "distill": distill_cfg, "profile": profile_name,
+            "code": code_version()}  # fmt: skip
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_rows(out_dir: Path, recipe_name: str, key: str, rows: list[Row]) -> None:
+    def plain(row: Row) -> dict[str, Any]:
+        data = asdict(row)
+        data["latency_ms"] = None if math.isnan(row.latency_ms) else row.latency_ms  # not yet timed
+        return data
+
+    write_json(out_dir / SWEEP_JSON, {"recipe": recipe_name, "key": key, "rows": [plain(r) for r in rows]})
+
+
+def _finished_rows(path: Path, key: str) -> dict[float, Row]:
+    """Rows of an earlier, interrupted sweep with the same settings whose student is still on disk."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != key:
+            return {}
+        rows = [Row(**{**r, "latency_ms": float("nan")}) for r in data["rows"][1:]]
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+    return {r.ratio: r for r in rows if r.artifact and Path(r.artifact["path"]).is_file()}
 
 
 def _step_config(recipe: Recipe, name: str) -> dict[str, Any]:
@@ -112,7 +166,8 @@ def table(rows: list[Row]):  # noqa: ANN201
         out.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
         out.add_row(
-            r.name, f"{r.params:,}", f"{r.ss2d_params:,} ({r.ss2d_params / teacher.ss2d_params:.0%})",
+            r.name, f"{r.params:,}",
+            f"{r.ss2d_params:,} ({r.ss2d_params / teacher.ss2d_params:.0%})" if teacher.ss2d_params else "-",
             f"{r.macs / 1e6:.2f}", "-" if r.accuracy_lowrank is None else f"{100 * r.accuracy_lowrank:.2f}%",
             f"{100 * r.accuracy:.2f}%", f"{r.latency_ms:.3f}", f"{teacher.latency_ms / r.latency_ms:.2f}x",
         )  # fmt: skip

@@ -175,3 +175,45 @@ def test_passes_list_shows_help_not_pydantic_internals(cli_runner):
     assert "PydanticUndefined" not in listed.output
     assert "share of squared singular values kept" in listed.output  # lowrank's energy help
     assert json.dumps(0.5) in listed.output
+
+
+# -- distill and sweep on a model without SS2D blocks; the sweep resumes ---------------------------
+def _mlp_distill_recipe(root: Path, tmp_path: Path) -> Path:
+    return _recipe(root, tmp_path, name="mlp-distill.yaml", passes=[
+        {"lowrank": {"rank_ratio": 0.5}}, {"distill": {"steps": 6, "batch_size": 32, "eval_every": 3}}])
+
+
+def test_distill_works_on_a_model_without_ss2d(root, tmp_path):
+    recipe = load_recipe(_mlp_distill_recipe(root, tmp_path))
+    steps = Pipeline(recipe, load_profile("x86-cpu"), tmp_path / "run", timing=FAST_TIMING,
+                     cache_dir=tmp_path / "cache").run()  # fmt: skip
+    distill = steps[2].metrics["pass"]
+    assert distill["steps"] >= 3 and distill["calib_top1"] > 0.5
+    assert steps[2].metrics["accuracy"] >= steps[1].metrics["accuracy"] - 0.02
+
+
+def test_sweep_on_an_mlp_writes_rows_as_it_goes_and_resumes(cli_runner, root, tmp_path, monkeypatch):
+    import edgeopt.sweep
+
+    recipe, out = _mlp_distill_recipe(root, tmp_path), tmp_path / "sweep"
+    args = ["sweep", str(recipe), "--rank-ratios", "0.5,0.3", "--steps", "3", "--out", str(out)]
+    real_make_pass, made = edgeopt.sweep.make_pass, []
+
+    def failing_second_distill(name, options):  # noqa: ANN001, ANN202
+        made.append(name)
+        if made.count("distill") == 2:
+            raise KeyboardInterrupt  # a timeout during the last ratio
+        return real_make_pass(name, options)
+
+    monkeypatch.setattr(edgeopt.sweep, "make_pass", failing_second_distill)
+    assert cli_runner.invoke(cli, args).exit_code == 130
+    partial = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["name"] for r in partial] == ["teacher", "ratio 0.50"] and partial[1]["latency_ms"] is None
+    monkeypatch.setattr(edgeopt.sweep, "make_pass", real_make_pass)
+    resumed = cli_runner.invoke(cli, args, terminal_width=200)
+    assert resumed.exit_code == 0, resumed.output
+    assert "ratio 0.50: finished by an earlier run" in resumed.output
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["teacher", "ratio 0.50", "ratio 0.30"]
+    assert rows[1]["accuracy"] == partial[1]["accuracy"] and all(r["latency_ms"] > 0 for r in rows)
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]

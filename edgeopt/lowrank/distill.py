@@ -99,7 +99,7 @@ def distill(
             step = state["step"]
             student.train()
             terms = _losses(student, teacher, splits.train, ranks, teacher_pairs, projections, s, step)
-            loss = sum(w * terms[k] for k, w in _weights(s).items() if w)
+            loss = sum(w * terms[k] for k, w in _weights(s).items() if w and k in terms)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -144,15 +144,17 @@ def _losses(student, teacher, train: Split, ranks, teacher_pairs, projections, s
     with capture_ss2d(student, states=s.w_state > 0) as c:
         logits = student(x)
     terms = {"task": F.cross_entropy(logits, y)}
-    if s.w_svd:
+    if s.w_svd and teacher_pairs:
         terms["svd"] = svd_loss(factor_pairs(student, ranks), teacher_pairs)
-    if s.w_state:  # each block samples its own scan positions (blocks differ in length)
+    # A model without SS2D blocks (an MLP, a CNN) has no states or block outputs to match:
+    # it distils through the task, factor and logit terms alone.
+    if s.w_state and t.states:  # each block samples its own scan positions (blocks differ in length)
         g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
         terms["state"] = torch.stack([
             state_loss({n: c.states[n]}, {n: h}, _positions(h.shape[2], s.state_steps, g), projections)
             for n, h in t.states.items()
         ]).mean()  # fmt: skip
-    if s.w_feat:
+    if s.w_feat and t.outputs:
         terms["feat"] = feature_loss(c.outputs, t.outputs)
     if s.w_kl:
         terms["kl"] = logit_kl(logits, t_logits, s.temperature)
