@@ -9,6 +9,9 @@ arbitrary stacked weights (per-direction SS2D projections, the A_logs matrix).
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
 
@@ -42,8 +45,14 @@ def _whitened(weight: torch.Tensor, gram: torch.Tensor | None) -> tuple[torch.Te
 
 
 def rank_for_ratio(rows: int, cols: int, ratio: float) -> int:
-    """Rank whose factors keep about `ratio` of a rows x cols matrix's parameters."""
-    return max(1, min(rows, cols, int(ratio * rows * cols / (rows + cols))))
+    """Rank whose factors keep at most `ratio` of a rows x cols matrix's parameters:
+    floor(ratio rows cols / (rows + cols)), at least 1. The product is exact (a float product
+    can land just under an integer and floor one rank too low). `ratio` 1.0 means no
+    factorization: full rank, which saves nothing, so the layer is left as it is."""
+    if ratio >= 1:
+        return min(rows, cols)
+    exact = Fraction(str(ratio)) * rows * cols / (rows + cols)
+    return max(1, min(rows, cols, math.floor(exact)))
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:

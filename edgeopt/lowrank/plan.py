@@ -15,6 +15,7 @@ import heapq
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -230,7 +231,7 @@ def state_ranks(names: list[str], model: nn.Module, ratio: float | None, energy:
         if energy is not None:
             keep = rank_for_energy(energies[name].sort(descending=True).values.sqrt(), energy)
         else:
-            keep = max(1, math.ceil(ratio * n))
+            keep = max(1, math.ceil(Fraction(str(ratio)) * n))  # exact: 0.14 * 50 is 7, not 7.000000000000001
         if keep < n:
             ranks[name] = keep
     return ranks
@@ -310,13 +311,14 @@ def _spectra(t: Target, grams: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 # --- applying a plan --------------------------------------------------------------------------
 def factorize(model: nn.Module, ranks: dict[str, int], grams: dict[str, torch.Tensor] | None = None,
-              init: bool = True) -> None:  # fmt: skip
+              init: bool = True, state_modes: dict[str, list[int]] | None = None) -> None:  # fmt: skip
     """Replace every planned target in place; factors from the current weights when `init`.
 
     `grams` holds calibration statistics: input Grams for activation-aware factors and, for a
-    `<block>.state` target, the mode energies that pick which state modes stay.
+    `<block>.state` target, the mode energies that pick which state modes stay. `state_modes`
+    names the kept modes outright (as the `lowrank` edit records them), so nothing is recomputed.
     """
-    grams = grams or {}
+    grams, state_modes = grams or {}, state_modes or {}
     for name, rank in sorted(
         ranks.items(), key=lambda item: not item[0].endswith(f".{STATE}")
     ):  # state first
@@ -325,6 +327,10 @@ def factorize(model: nn.Module, ranks: dict[str, int], grams: dict[str, torch.Te
         if attr == STATE:
             energy = grams.get(name) if init else None
             modes = rank if energy is None else energy.topk(rank).indices
+            if name in state_modes:
+                modes = torch.tensor(state_modes[name], dtype=torch.long)
+                if len(modes) != rank:
+                    raise ValueError(f"lowrank: {name} records {len(modes)} kept modes for rank {rank}")
             LowRankSS2D.adopt(parent).truncate_state(modes)
             continue
         if attr in SS2D_PARAMS and isinstance(parent, SS2D):
@@ -376,10 +382,14 @@ def factor_pairs(model: nn.Module, ranks: dict[str, int]) -> dict[str, tuple[tor
     return pairs
 
 
-def apply_plan(model: nn.Module, ranks: dict[str, int], calib_x: torch.Tensor, whiten: bool) -> nn.Module:
-    """Truncate states (modes picked on `calib_x`), then factorize (whitened on `calib_x` if asked)."""
+def apply_plan(model: nn.Module, ranks: dict[str, int], calib_x: torch.Tensor, whiten: bool,
+               state_modes: dict[str, list[int]] | None = None) -> nn.Module:  # fmt: skip
+    """Truncate states (to `state_modes`, else the modes picked on `calib_x`), then factorize
+    (whitened on `calib_x` if asked)."""
     states = {k: v for k, v in ranks.items() if k.endswith(f".{STATE}")}
-    if states:
+    if states and state_modes is not None and set(states) <= set(state_modes):
+        factorize(model, states, state_modes=state_modes)
+    elif states:
         factorize(model, states, state_energies(model, list(states), calib_x))
     rest = {k: v for k, v in ranks.items() if k not in states}
     grams = {}
@@ -390,9 +400,11 @@ def apply_plan(model: nn.Module, ranks: dict[str, int], calib_x: torch.Tensor, w
     return model
 
 
-def teacher_factors(teacher: nn.Module, ranks: dict[str, int], calib_x: torch.Tensor, whiten: bool
+def teacher_factors(teacher: nn.Module, ranks: dict[str, int], calib_x: torch.Tensor, whiten: bool,
+                    state_modes: dict[str, list[int]] | None = None,
                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], nn.Module]:  # fmt: skip
     """The teacher's rank-r factors (U sqrt(S), sqrt(S) V^T) per target, made exactly as the pass makes
-    them, and the freshly factorized teacher copy they come from (its `kept_modes` map states)."""
-    made = apply_plan(copy.deepcopy(teacher), ranks, calib_x, whiten)
+    them (with the state modes the pass recorded, when given), and the freshly factorized teacher
+    copy they come from (its `kept_modes` map states)."""
+    made = apply_plan(copy.deepcopy(teacher), ranks, calib_x, whiten, state_modes)
     return {k: tuple(t.detach().clone() for t in v) for k, v in factor_pairs(made, ranks).items()}, made

@@ -50,7 +50,8 @@ class DistillPass(Pass):
         teacher_artifact, edit = find_teacher(artifact, ctx.history)
         teacher, student = teacher_artifact.load_module(), copy_module(artifact)
         calib_x = ctx.splits.calib.x[: edit.get("calib_samples", 128)]
-        pairs, made = teacher_factors(teacher, edit["ranks"], calib_x, bool(edit.get("whiten")))
+        pairs, made = teacher_factors(teacher, edit["ranks"], calib_x, bool(edit.get("whiten")),
+                                      edit.get("state_modes"))  # recorded by lowrank (older edits: recomputed)
         options = self.config.model_dump()
         settings = DistillSettings(**{f.name: options[f.name] for f in fields(DistillSettings) if f.name in options},
                                    seed=ctx.seed)  # fmt: skip

@@ -56,7 +56,7 @@ def factorize_linear(layer: nn.Linear, rank: int) -> FactorizedLinear:
 @EDITS.register("lowrank")
 def replay_lowrank(model: nn.Module, edit: dict[str, Any]) -> None:
     """Rebuild the factorized structure recorded by the pass (weights load afterwards)."""
-    factorize(model, edit["ranks"], init=False)
+    factorize(model, edit["ranks"], init=False, state_modes=edit.get("state_modes"))
 
 
 SS2DPart = Literal["state", "in_proj", "out_proj", "x_proj", "dt_proj", "A"]
@@ -93,11 +93,22 @@ class LowRankPass(Pass):
         scratch = copy_module(artifact)  # plans are made on a copy: the input module stays the teacher
         before = count_params(scratch)
         ranks = plan_ranks(scratch, cfg, calib_x)
-        model = apply_plan(copy_module(artifact), ranks, calib_x, cfg.whiten)
+        modes = kept_state_modes(scratch)  # picked once, on calibration data, while planning
+        model = apply_plan(copy_module(artifact), ranks, calib_x, cfg.whiten, modes)
         ctx.metrics.update(params_before=before, params_after=count_params(model), factorized_layers=ranks)
-        edit = {"edit": "lowrank", "ranks": ranks, "whiten": cfg.whiten, "calib_samples": cfg.calib_samples}
+        # The edit names the kept state modes, so replay and distillation never recompute them.
+        edit = {"edit": "lowrank", "ranks": ranks, "state_modes": modes, "whiten": cfg.whiten,
+                "calib_samples": cfg.calib_samples}
         edits = [*artifact.edits, edit] if ranks else artifact.edits
         return artifact.with_module(model, ctx.step_dir / "model.safetensors", edits)
+
+
+def kept_state_modes(model: nn.Module) -> dict[str, list[int]]:
+    """`{<block>.state: kept mode indices}` for every SS2D block truncated on calibration data."""
+    from edgeopt.lowrank.modules import STATE
+
+    return {f"{name}.{STATE}": [int(i) for i in m.kept_modes] for name, m in model.named_modules()
+            if getattr(m, "kept_modes", None) is not None}  # fmt: skip
 
 
 def selection_of(cfg: LowRankConfig) -> Selection:
