@@ -68,10 +68,12 @@ class Pipeline:
     timing: Timing = field(default_factory=Timing)
     notify: Notify = lambda message: None
     cache_dir: Path | None = None  # the shared step cache [default: edgeopt.stepcache.default_cache_dir()]
+    _data_digest: str | None = field(default=None, init=False, repr=False)
 
     def run(self) -> list[StepResult]:
         passes = [make_pass(spec.name, spec.config) for spec in self.recipe.passes]  # fail before any work
         splits = load_dataset(self.recipe.dataset.name, **self.recipe.dataset.kwargs)
+        self._data_digest = _splits_digest(splits)  # changed files under the same dataset kwargs miss the cache
         with exclusive(self.run_dir):  # writable, and no other run on it (checked before any work)
             steps = [self._original(splits)]
             for index, the_pass in enumerate(passes, start=1):
@@ -297,7 +299,7 @@ class Pipeline:
         )
 
     def _data_key(self) -> dict[str, Any]:
-        return {"dataset": self.recipe.dataset.model_dump(mode="json"), "seed": self.recipe.seed,
+        return {"dataset": self.recipe.dataset.model_dump(mode="json"), "data": self._data_digest, "seed": self.recipe.seed,
                 "code": code_version(), "model_code": _source_hash(resolve_factory(self.recipe.model.name)),
                 "toolchain": toolchain_versions()}
 
@@ -373,6 +375,17 @@ def _source_hash(obj: Any) -> str | None:
         return _file_hash(Path(inspect.getsourcefile(obj)))
     except (TypeError, OSError):
         return None
+
+
+def _splits_digest(splits: Splits) -> str:
+    """Hash of every split's samples and labels: a user's image folder or `module:factory` data can
+    change while the recipe stays the same."""
+    digest = hashlib.sha256()
+    for split in (splits.train, splits.calib, splits.eval):
+        for tensor in (split.x, split.y):
+            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _read_manifest(step_dir: Path) -> dict[str, Any] | None:

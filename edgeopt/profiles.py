@@ -73,10 +73,17 @@ def load_profile_file(path: Path) -> Profile:
     return profile
 
 
+def is_profile_path(name_or_path: str) -> bool:
+    """A profile given as a YAML file (one's own board) rather than a name from `profiles/`."""
+    return name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path
+
+
 def load_profile(name_or_path: str, directory: Path = PROFILES_DIR) -> Profile:
     """A profile by name (from `profiles/`) or by path to a YAML file."""
-    if name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path:
-        return load_profile_file(Path(name_or_path))
+    if is_profile_path(name_or_path):
+        if not Path(name_or_path).expanduser().is_file():
+            raise InputError(f"profile file not found: {name_or_path}")
+        return load_profile_file(Path(name_or_path).expanduser())
     paths = profile_paths(directory)
     if name_or_path not in paths:
         raise unknown_name("profile", name_or_path, paths)

@@ -63,14 +63,8 @@ class Recipe(_Strict):
 
 
 def load_recipe(path: Path) -> Recipe:
-    from edgeopt.errors import unknown_name
-    from edgeopt.profiles import profile_paths
-
     recipe = load_model_yaml(Path(path), Recipe)
-    known = profile_paths()
-    for profile in recipe.budgets:
-        if profile not in known:
-            raise InputError(f"{path}: budgets: {unknown_name('profile', profile, known)}")
+    recipe.budgets = _budgets_by_name(recipe.budgets, Path(path))
     if recipe.model.checkpoint is not None and not recipe.model.checkpoint.is_absolute():
         # checkpoints are relative to the repository root (the recipe's parent's parent) or the CWD
         for base in (Path(path).resolve().parent.parent, Path.cwd()):
@@ -78,3 +72,27 @@ def load_recipe(path: Path) -> Recipe:
                 recipe.model.checkpoint = base / recipe.model.checkpoint
                 break
     return recipe
+
+
+def _budgets_by_name(budgets: dict[str, Budgets], recipe_path: Path) -> dict[str, Budgets]:
+    """Budgets keyed by profile name. A key may be a profile file (one's own board, relative to
+    the recipe or the current directory); it then applies under that profile's name."""
+    from edgeopt.errors import unknown_name
+    from edgeopt.profiles import is_profile_path, load_profile, profile_paths
+
+    known, named = profile_paths(), {}
+    for key, limits in budgets.items():
+        if is_profile_path(key):
+            beside = recipe_path.resolve().parent / key
+            try:
+                name = load_profile(str(beside) if beside.is_file() else key).name
+            except InputError as exc:
+                raise InputError(f"{recipe_path}: budgets: {exc}") from None
+        elif key in known:
+            name = key
+        else:
+            raise InputError(f"{recipe_path}: budgets: {unknown_name('profile', key, known)}")
+        if name in named:
+            raise InputError(f"{recipe_path}: budgets: profile '{name}' is given twice")
+        named[name] = limits
+    return named

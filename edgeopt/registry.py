@@ -8,9 +8,12 @@ names the object to register under the entry point's name.
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from edgeopt.errors import InputError, unknown_name
 
@@ -70,3 +73,21 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_callable(spec: str, kind: str) -> Callable[..., Any]:
+    """`package.module:factory` from a recipe: imported from PYTHONPATH or the current directory.
+
+    This runs the user's code, which is why a recipe is as trusted as a script.
+    """
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # as `python -m` would; last, so it never shadows a package
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"cannot import {kind} module '{module_name}': {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InputError(f"module '{module_name}' has no {kind} factory '{attr}'")
+    return factory

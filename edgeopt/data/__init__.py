@@ -43,13 +43,19 @@ DATASETS: Registry[Callable[..., Splits]] = Registry("dataset", "edgeopt.dataset
 
 
 def load_dataset(name: str, **kwargs: Any) -> Splits:
+    """A registered dataset, or `package.module:factory` (a callable returning `Splits`)."""
     from edgeopt.errors import InputError
+    from edgeopt.registry import import_callable
 
-    factory = DATASETS.get(name)
+    factory = import_callable(name, "dataset") if ":" in name else DATASETS.get(name)
     try:
-        return factory(**kwargs)
+        splits = factory(**kwargs)
     except (TypeError, ValueError) as exc:
         raise InputError(f"dataset '{name}' rejected its arguments: {exc}") from exc
+    if not isinstance(splits, Splits):
+        raise InputError(f"dataset '{name}' returned {type(splits).__name__}, not edgeopt.data.Splits")
+    return splits
 
 
 from edgeopt.data import digits as _digits  # noqa: E402,F401  (registers built-ins)
+from edgeopt.data import imagefolder as _imagefolder  # noqa: E402,F401

@@ -28,15 +28,9 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
     """A registered name, or `package.module:callable` for user models."""
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise InputError(f"cannot import model module '{module_name}': {exc}") from exc
-        try:
-            return getattr(module, attr)
-        except AttributeError:
-            raise InputError(f"module '{module_name}' has no factory '{attr}'") from None
+        from edgeopt.registry import import_callable
+
+        return import_callable(name, "model")
     _load_builtins()
     return MODELS.get(name)
 

@@ -26,7 +26,8 @@ class Device(BaseModel):
 
     name: str = Field(pattern=_SAFE)
     host: str = Field(pattern=_SAFE, description="ssh host or ~/.ssh/config alias")
-    profile: str = Field(pattern=_SAFE, description="hardware profile name (profiles/*.yaml)")
+    profile: str = Field(pattern=_SAFE_PATH, description="hardware profile name (profiles/*.yaml), or a profile "
+                         "YAML file (one's own board; relative to the inventory file)")
     runner: str = Field(default="ssh", description="'ssh', or 'local' for this machine")
     user: str | None = Field(default=None, pattern=_SAFE)
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -75,7 +76,11 @@ def load_inventory(path: Path | None = None) -> Inventory:
     if not path.is_file():
         raise InputError(f"device inventory not found: {path} (copy devices/inventory.yaml and edit it)")
     inventory = load_model_yaml(path, Inventory)
-    for device in inventory.devices:  # an ssh_config path is relative to the inventory file
+    from edgeopt.profiles import is_profile_path
+
+    for device in inventory.devices:  # ssh_config and profile files are relative to the inventory file
         if device.ssh_config is not None and not device.ssh_config.is_absolute():
             device.ssh_config = (path.parent / device.ssh_config).resolve()
+        if is_profile_path(device.profile) and not Path(device.profile).expanduser().is_absolute():
+            device.profile = str((path.parent / device.profile).resolve())
     return inventory
