@@ -1,11 +1,11 @@
 """Supervised training of the small classifiers that ship with edgeopt (deterministic).
 
-`python -m edgeopt.training` reproduces `targets/checkpoints/digits-mlp.safetensors`.
+`python -m edgeopt.training` retrains `targets/checkpoints/digits-mlp.safetensors` into
+runs/retrained/ (`--out ... --overwrite` to replace the committed file). The same seed gives the
+same bytes with one torch build; the committed file came from an earlier one.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +48,24 @@ def evaluate(model: nn.Module, split: Split) -> float:
     return top1_accuracy(torch_outputs(model.eval(), split.x), split.y)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
     from edgeopt.artifact import save_weights
     from edgeopt.data import load_dataset
     from edgeopt.models import build_model
+    from edgeopt.retraining import add_options, prepare
 
+    parser = argparse.ArgumentParser(description="Train the digits MLP (targets/checkpoints/digits-mlp.safetensors).")
+    parser.add_argument("--epochs", type=int, default=40)
+    add_options(parser, "digits-mlp")
+    args = parser.parse_args(argv)
+    prepare(args)
     splits = load_dataset("digits", flatten=True)
     model = build_model("mlp", {"in_features": 64, "hidden": [256, 128]})
-    accuracy = train_classifier(model, splits, epochs=40)
-    out = Path("targets/checkpoints/digits-mlp.safetensors")
-    save_weights(model, out)
-    print(f"digits-mlp: eval top-1 {100 * accuracy:.2f}% -> {out}")
+    accuracy = train_classifier(model, splits, epochs=args.epochs, seed=args.seed)
+    save_weights(model, args.out)
+    print(f"digits-mlp: eval top-1 {100 * accuracy:.2f}% -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 Reproduce the checkpoint with:
 
-    python -m edgeopt.moe.train --out targets/checkpoints/moe-lm.safetensors
+    python -m edgeopt.moe.train --out targets/checkpoints/moe-lm.safetensors --overwrite
 
 (fixed seed, 600 steps of 16 x 128 bytes, d_ff 1024, 1 thread: 10 minutes measured on the
-shared 2-core host; held-out 2.488 bits/byte; the same numbers up to float nondeterminism and
-the Python version's stdlib). Experts are wide (d_ff 1024, 97% of the weights) as in the
+shared 2-core host; held-out 2.488 bits/byte; the same seed gives the same bytes on one
+machine and Python version, whose stdlib is the corpus). Without `--out` it writes
+runs/retrained/moe-lm.safetensors. Experts are wide (d_ff 1024, 97% of the weights) as in the
 models offloading is for, where reading experts dominates decoding time. Weights are saved
 in fp16 to keep the committed file small (26 MB); the model computes in fp32.
 """
@@ -73,18 +74,19 @@ def train(cfg: MoEConfig, steps: int, batch: int, seq: int, lr: float, seed: int
 
 
 def main(argv: list[str] | None = None) -> None:
+    from edgeopt.retraining import add_options, prepare
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--d-ff", type=int, default=1024, help="expert width (the experts' share of the bytes)")
+    p.add_argument("--d-model", type=int, default=MoEConfig().d_model)
+    add_options(p, "moe-lm")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = MoEConfig(d_ff=args.d_ff)
+    prepare(args, args.out.with_suffix(".json"))
+    cfg = MoEConfig(d_ff=args.d_ff, d_model=args.d_model)
     model = train(cfg, args.steps, args.batch, args.seq, args.lr, args.seed)
     bpb = heldout_bits_per_byte(model)
     print(f"held-out bits/byte {bpb:.3f}  perplexity/byte {2**bpb:.3f}")
