@@ -217,3 +217,9 @@ def test_sweep_on_an_mlp_writes_rows_as_it_goes_and_resumes(cli_runner, root, tm
     assert [r["name"] for r in rows] == ["teacher", "ratio 0.50", "ratio 0.30"]
     assert rows[1]["accuracy"] == partial[1]["accuracy"] and all(r["latency_ms"] > 0 for r in rows)
     assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
+
+
+def test_errors_name_no_internal_function(cli_runner, tmp_path):
+    result = cli_runner.invoke(cli, ["profile", str(tmp_path)])
+    line = _one_line_error(result, "is not a profiler bundle")
+    assert "edgeopt optimize" in line

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,18 +20,9 @@ FAST = ["--runs", "3", "--min-seconds", "0", "--warmup", "1"]
 def digit_folders(tmp_path_factory) -> Path:
     """scikit-learn's digits written as PNG files in the ImageFolder layout, with the digits
     dataset's own train / calibration / eval split (so accuracies can be compared)."""
-    from PIL import Image
+    from edgeopt.data.imagefolder import write_digits
 
-    from edgeopt.data.digits import _raw, _split_indices
-
-    images, labels = _raw()
-    root = tmp_path_factory.mktemp("digits-png")
-    for split, indices in zip(("train", "calib", "val"), _split_indices(labels, 0), strict=True):
-        for i in indices:
-            folder = root / split / f"digit-{labels[i]}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.round(images[i] * 255).astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
-    return root
+    return write_digits(tmp_path_factory.mktemp("digits-png"))
 
 
 def test_imagefolder_reads_the_same_pixels_as_the_built_in_digits(digit_folders):

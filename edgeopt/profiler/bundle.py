@@ -253,7 +253,7 @@ def read_meta(bundle_dir: Path) -> dict:
     """meta.json of a bundle, or a one-line error if `bundle_dir` is not one."""
     meta_path = Path(bundle_dir) / "meta.json"
     if not meta_path.is_file():
-        raise InputError(f"{bundle_dir} is not a profiler bundle (no meta.json); write one with make_bundle")
+        raise InputError(f"{bundle_dir} is not a profiler bundle (no meta.json); `edgeopt optimize` writes one to <run>/bundle")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
