@@ -20,7 +20,7 @@ FAST = ["--runs", "3", "--min-seconds", "0", "--warmup", "1"]
 def digit_folders(tmp_path_factory) -> Path:
     """scikit-learn's digits written as PNG files in the ImageFolder layout, with the digits
     dataset's own train / calibration / eval split (so accuracies can be compared)."""
-    from edgeopt.data.imagefolder import write_digits
+    from edgeopt.data.digits_png import write_digits
 
     return write_digits(tmp_path_factory.mktemp("digits-png"))
 

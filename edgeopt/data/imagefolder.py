@@ -80,26 +80,3 @@ def _held_out(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
         chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.cat(chosen).sort().values
 
-
-def write_digits(root: Path) -> Path:
-    """scikit-learn's digits as 8-bit PNGs in this layout (train/calib/val, the `digits` split):
-    a real image folder to try the loader on, `python -m edgeopt.data.imagefolder DIR`."""
-    from PIL import Image
-
-    from edgeopt.data.digits import _raw, _split_indices
-
-    images, labels = _raw()
-    for split, indices in zip(("train", "calib", "val"), _split_indices(labels, 0), strict=True):
-        for i in indices:
-            folder = Path(root) / split / f"digit-{labels[i]}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.round(images[i] * 255).astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
-    return Path(root)
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m edgeopt.data.imagefolder DIR   (writes scikit-learn's digits as PNG folders)")
-    print(f"wrote {write_digits(Path(sys.argv[1]))}")
