@@ -23,7 +23,7 @@ from edgeopt.artifact import TORCH, ModelArtifact, ModelSource, save_weights
 from edgeopt.data import load_dataset
 from edgeopt.errors import InputError
 from edgeopt.evaluate import top1_accuracy, torch_outputs
-from edgeopt.fileio import write_json, write_with
+from edgeopt.fileio import exclusive, write_json, write_with
 from edgeopt.lowrank.measure import export_for_timing, macs, ort_latency_ms, params, ss2d_params
 from edgeopt.models import build_model, check_input_shape
 from edgeopt.passes import PassContext, make_pass
@@ -255,7 +255,8 @@ def sweep(
     if not any(s.name == "lowrank" for s in loaded.passes):
         raise InputError(f"recipe {recipe} has no lowrank pass to sweep")
     out_dir = out or Path("runs") / f"{loaded.name}-sweep"
-    rows = run_sweep(loaded, ratios, out_dir, profile_name, {"steps": steps} if steps else None, threads,
-                     log=console.log)  # fmt: skip
+    with exclusive(out_dir):  # writable, and no second sweep writing the same rows
+        rows = run_sweep(loaded, ratios, out_dir, profile_name, {"steps": steps} if steps else None, threads,
+                         log=console.log)  # fmt: skip
     console.print(table(rows))
     console.print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'pareto.png'}")

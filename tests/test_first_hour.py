@@ -223,3 +223,10 @@ def test_errors_name_no_internal_function(cli_runner, tmp_path):
     result = cli_runner.invoke(cli, ["profile", str(tmp_path)])
     line = _one_line_error(result, "is not a profiler bundle")
     assert "edgeopt optimize" in line
+
+
+def test_sweep_into_an_unwritable_out(cli_runner, root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    recipe = _mlp_distill_recipe(root, tmp_path)
+    _one_line_error(cli_runner.invoke(cli, ["sweep", str(recipe), "--out", str(blocker / "s")]), "cannot write to")
