@@ -68,11 +68,11 @@ def test_pack_into_unwritable_out(cli_runner, store, tmp_path):
 
 
 # -- Hugging Face stores ------------------------------------------------------------------------
-transformers = pytest.importorskip("transformers")
 WORDS = ["[UNK]", "<s>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
 
 
 def _tiny_hf(directory):
+    transformers = pytest.importorskip("transformers")  # only these tests need the [hf] extra
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     config = transformers.MixtralConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2,
@@ -105,6 +105,8 @@ def test_hf_store_takes_a_text_prompt(cli_runner, tmp_path):
 
 def test_hf_pickle_checkpoint_is_refused(cli_runner, tmp_path):
     _tiny_hf(tmp_path / "hf")
+    import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     for weights in (tmp_path / "hf").glob("*.safetensors"):
         weights.unlink()
