@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from edgeopt import __version__
+from edgeopt.console import make_console
 from edgeopt.errors import InputError
 
-# Tables stay readable when the output is a pipe or a CI log (rich would assume 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 class BudgetMissed(Exception):
@@ -68,7 +67,7 @@ def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | No
     from edgeopt.pipeline import Pipeline, Timing, budgets_for, verdict
     from edgeopt.profiles import load_profile
     from edgeopt.recipes import load_recipe
-    from edgeopt.report import build_report, write_report
+    from edgeopt.report import build_report, print_report, write_report
 
     loaded = load_recipe(recipe)
     profile = load_profile(profile_name)
@@ -84,31 +83,13 @@ def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | No
     with console.status(f"optimizing {loaded.name} for {profile.name}") as status:
         pipeline.notify = lambda message: (status.update(message), console.log(message))
         steps = pipeline.run()
-    report = build_report(loaded.name, profile.name, steps, verdict(steps, budgets_for(loaded, profile)))
+    report = build_report(loaded.name, profile, steps, verdict(steps, budgets_for(loaded, profile)))
     write_report(run_dir, report)
-    print_report(report)
+    print_report(report, console)
     console.print(f"run directory: {run_dir}")
-    missed = [name for name, check in report["budgets"].items() if not check["ok"]]
+    missed = [name for name, budget in report.budgets.items() if budget.ok is False]
     if missed:
         raise BudgetMissed(", ".join(missed))
-
-
-def print_report(report: dict) -> None:
-    from edgeopt.report import TABLE_COLUMNS, budget_rows, table_rows
-
-    table = Table(title=f"{report['recipe']} on {report['profile']}")
-    for column in TABLE_COLUMNS:
-        table.add_column(column, justify="left" if column in ("step", "format") else "right")
-    for row in table_rows(report):
-        table.add_row(*row)
-    console.print(table)
-    if report["budgets"]:
-        budgets = Table(title="budgets")
-        for column in ("budget", "measured", "limit", "verdict"):
-            budgets.add_column(column)
-        for row in budget_rows(report):
-            budgets.add_row(*row[:3], f"[green]{row[3]}[/]" if row[3] == "ok" else f"[red]{row[3]}[/]")
-        console.print(budgets)
 
 
 # -- export -------------------------------------------------------------------
@@ -148,7 +129,8 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
 # -- profile ------------------------------------------------------------------
 @cli.command("profile")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe whose eval split gives accuracy (for a model file).")
+@click.option("--recipe", type=click.Path(path_type=Path),
+              help="Recipe whose eval split gives accuracy (for a model file) [default: latency and memory only].")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="Runtime threads [default: the profile's].")
 @click.option("--profile", "profile_name", default="x86-cpu", show_default=True, help="Hardware profile (threads).")
 @click.option("--device", help="Inventory device to run on over SSH [default: this host].")
@@ -158,7 +140,9 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON result.")
 def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profile_name: str, device: str | None,
                 runs: int, min_seconds: float, warmup: int, as_json: bool) -> None:
-    """Profile ARTIFACT (an .onnx/.tflite file, or a bundle directory) for latency, memory and accuracy."""
+    """Profile ARTIFACT (an .onnx/.tflite file, or a bundle directory) for latency, memory, init time and,
+    with a bundle or --recipe, accuracy. Without --recipe a model file is timed on random inputs of its
+    own input shape."""
     import json
     import tempfile
 
@@ -172,48 +156,60 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
     else:
         if not artifact.is_file():
             raise InputError(f"artifact not found: {artifact}")
-        if recipe is None:
-            raise InputError("profiling a model file needs --recipe (its eval split gives the accuracy)")
-        from edgeopt.data import load_dataset
         from edgeopt.profiler.bundle import MODEL_SUFFIXES
-        from edgeopt.recipes import load_recipe
 
         runtime = next((r for r, suffixes in MODEL_SUFFIXES.items() if artifact.suffix in suffixes), None)
         if runtime is None:
             raise InputError(f"unknown model format '{artifact.suffix}' (expected .onnx, .tflite or .engine)")
-        loaded = load_recipe(recipe)
-        split = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval
         threads = threads or load_profile(profile_name).threads
+        if recipe is None:
+            import numpy as np
+
+            from edgeopt.profiler.inputs import synthetic_inputs
+
+            x, batch = synthetic_inputs(artifact, runtime)
+            data = {"eval_x": x, "eval_y": np.zeros(len(x), np.int64), "labelled": False, "batch_size": batch}
+        else:
+            from edgeopt.data import load_dataset
+            from edgeopt.recipes import load_recipe
+
+            loaded = load_recipe(recipe)
+            split = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval
+            data = {"eval_x": split.x.numpy(), "eval_y": split.y.numpy()}
         with tempfile.TemporaryDirectory() as work:
-            result = profile_model(artifact, runtime, split.x.numpy(), split.y.numpy(), threads=threads,
-                                   work_dir=Path(work), runner=runner, device=device, **timing)
+            result = profile_model(artifact, runtime, threads=threads, work_dir=Path(work), runner=runner,
+                                   device=device, **data, **timing)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    from edgeopt.report.cells import ms
+    from edgeopt.report.model import measurement
+
     lat = result["latency_ms"]
-    table = Table(title=str(artifact))
-    for column in ("runtime", "threads", "mean ms", "p50 ms", "p90 ms", "p99 ms", "init ms", "peak MB", "top-1 %"):
+    table = Table(title=f"{artifact.name}: {measurement(load_profile(profile_name), result).label}", title_justify="left")
+    for column in ("runtime", "threads", "p50 ms", "p10–p90 ms", "p99 ms", "init ms", "peak MB", "top-1 %"):
         table.add_column(column, justify="right")
-    table.add_row(result["runtime"], str(result["threads"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
-                  f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}",
-                  f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "—")
+    low = lat.get("p10", lat["min"])
+    table.add_row(result["runtime"], str(result["threads"]), ms(lat["p50"]), f"{ms(low)}–{ms(lat['p90'])}",
+                  ms(lat["p99"]), f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}",
+                  f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "— (no --recipe)")
     console.print(table)
 
 
 # -- report -------------------------------------------------------------------
 @cli.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-def report_cmd(run_dir: Path) -> None:
-    """Show the report of RUN_DIR and rewrite its report.html, with device results from
-    `edgeopt devices profile` (RUN_DIR/profile/*.json) when there are any."""
-    from edgeopt.fileio import read_json
-    from edgeopt.report import load_report
-    from edgeopt.report_html import write_html
+@click.option("--out", type=click.Path(path_type=Path), help="Where report.md/report.html go [default: RUN_DIR].")
+def report_cmd(run_dir: Path, out: Path | None) -> None:
+    """Show the report of RUN_DIR with the device results of `edgeopt devices profile|profile-all`
+    (RUN_DIR/profile/*.json, failures included), and rewrite its report.md and report.html."""
+    from edgeopt.fileio import check_writable_dir
+    from edgeopt.report import load_devices, load_report, print_report, write_views
 
-    report = load_report(run_dir)
-    print_report(report)
-    devices = {p.stem: read_json(p) for p in sorted((run_dir / "profile").glob("*.json")) if p.stem != "all"}
-    console.print(f"wrote {write_html(run_dir, report, devices)}")
+    out = check_writable_dir(out or run_dir)
+    report = load_report(run_dir).with_devices(load_devices(run_dir))
+    print_report(report, console)
+    console.print(f"wrote {write_views(out, report)}")
 
 
 # -- regress ------------------------------------------------------------------

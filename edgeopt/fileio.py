@@ -60,3 +60,18 @@ def write_with(target: Path, writer: Callable[[Path], None]) -> Path:
     with atomic_path(target) as tmp:
         writer(tmp)
     return Path(target)
+
+
+def check_writable_dir(path: Path, option: str = "--out") -> Path:
+    """Create `path` if needed and prove a file can be written there, before any work is done."""
+    from edgeopt.errors import InputError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".edgeopt-write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{option} {path} is not writable: {exc.strerror or exc}") from None
+    return path

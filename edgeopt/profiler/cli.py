@@ -148,7 +148,7 @@ def _summary(result: dict[str, Any]) -> dict[str, str]:
         "runs": str(result["runs"]),
         "init ms": f"{result['init_ms']:.1f}",
         "peak RSS MB": f"{result['peak_rss_mb']:.1f}",
-        "top-1": f"{100 * result['accuracy']['top1']:.2f}%",
+        "top-1": f"{100 * result['accuracy']['top1']:.2f}%" if result.get("accuracy") else "-",
         "cpu": f"{facts.get('cpu_model')} x{facts.get('cores')} ({facts.get('arch')})",
     }
 
