@@ -15,7 +15,7 @@ from rich.console import Console
 from edgeopt.cli import cli
 from edgeopt.pipeline import StepResult
 from edgeopt.profiles import load_profile
-from edgeopt.report import build_report, load_devices, print_report, write_report
+from edgeopt.report import build_report, load_devices, load_report, print_report, write_report
 from edgeopt.report.cells import steps_table
 from edgeopt.report.html import to_html
 from edgeopt.report.markdown import to_markdown
@@ -233,3 +233,18 @@ def test_log_lines_carry_no_source_suffix():
     with console.capture() as captured:
         console.log("02-distill: running")
     assert "02-distill: running" in captured.get() and ".py:" not in captured.get()
+
+
+def test_a_report_json_from_before_spreads_still_loads(tmp_path):
+    """Older report.json: no measurement, no p10, budgets without a status."""
+    samples = [1.0, 1.1, 1.2, 0.9, 1.05] * 4
+    step = {"step": "00-original", "pass": "original", "format": "torch", "precision": "fp32", "runtime": "tflite",
+            "params": 10, "size_mb": 0.2, "accuracy": 0.9, "accuracy_drop_points": 0.0, "speedup_vs_original": 1.0,
+            "latency_ms": {"p50": 1.05, "p90": 1.2, "samples": samples}}
+    (tmp_path / "report.json").write_text(json.dumps({
+        "recipe": "r", "profile": "x86-cpu", "steps": [step], "passed": True,
+        "budgets": {"max_latency_ms": {"measured": 1.05, "limit": 5, "ok": True}}}))
+    report = load_report(tmp_path)
+    assert report.steps[0].latency_ms.p10 == pytest.approx(float(np.percentile(samples, 10)))
+    assert report.budgets["max_latency_ms"].status == "ok" and report.measurement is None
+    assert "r on x86-cpu" in _terminal(report)

@@ -7,7 +7,6 @@ profile-all). Errors are InputError/DeviceError: the main CLI prints one line.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,9 @@ _INVENTORY_KEY = "edgeopt.profiler.inventory"
 
 
 def _console() -> Console:
-    return Console(width=None if sys.stdout.isatty() else 160)
+    from edgeopt.console import make_console
+
+    return make_console()
 
 
 def run_bundle(run_dir: Path) -> Path:
@@ -142,6 +143,7 @@ def _summary(result: dict[str, Any]) -> dict[str, str]:
         "runtime": f"{result['runtime']} {result['runtime_version']}",
         "threads / batch": f"{result['threads']} / {result['batch_size']}",
         "latency mean ms": f"{lat['mean']:.3f}",
+        "latency p10 ms": f"{lat['p10']:.3f}" if "p10" in lat else "-",
         "latency p50 ms": f"{lat['p50']:.3f}",
         "latency p90 ms": f"{lat['p90']:.3f}",
         "latency p99 ms": f"{lat['p99']:.3f}",

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from edgeopt.errors import InputError
 
@@ -38,14 +38,18 @@ class Latency(_Model):
     mean: float | None = None
     samples: list[float] = []
 
+    @model_validator(mode="before")
     @classmethod
-    def from_profile(cls, stats: dict[str, Any]) -> Latency:
-        """The profiler's stats; p10 from the raw samples for results recorded before the agent gave it."""
-        stats = dict(stats)
-        if stats.get("p10") is None and stats.get("samples"):
+    def _p10_from_samples(cls, stats: Any) -> Any:
+        """Results recorded before the agent gave p10 still carry their raw samples."""
+        if isinstance(stats, dict) and stats.get("p10") is None and stats.get("samples"):
             import numpy as np
 
-            stats["p10"] = float(np.percentile(stats["samples"], 10))
+            stats = {**stats, "p10": float(np.percentile(stats["samples"], 10))}
+        return stats
+
+    @classmethod
+    def from_profile(cls, stats: dict[str, Any]) -> Latency:
         return cls.model_validate(stats)
 
     @property
