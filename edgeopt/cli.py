@@ -13,10 +13,10 @@ import click
 from rich.table import Table
 
 from edgeopt import __version__
-from edgeopt.console import make_console
+from edgeopt.console import make_console, shared_console
 from edgeopt.errors import InputError
 
-console = make_console()
+console = shared_console()
 err_console = make_console(stderr=True)
 
 
@@ -206,8 +206,8 @@ def report_cmd(run_dir: Path, out: Path | None) -> None:
     from edgeopt.fileio import check_writable_dir
     from edgeopt.report import load_devices, load_report, print_report, write_views
 
-    out = check_writable_dir(out or run_dir)
     report = load_report(run_dir).with_devices(load_devices(run_dir))
+    out = check_writable_dir(out or run_dir)  # before the plots are drawn
     print_report(report, console)
     console.print(f"wrote {write_views(out, report)}")
 

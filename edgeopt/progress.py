@@ -1,6 +1,6 @@
 """Progress for long work that reads well both on a terminal and in a CI log.
 
-On a terminal: a rich progress bar (or spinner when the total is unknown). Elsewhere
+On a terminal: a rich progress bar on the CLI's console (nested under its status). Elsewhere
 (a pipe, a CI log, `nohup`): a plain line at least every `interval_s` seconds with the
 step, the percentage, the elapsed time and the ETA, so a log shows the job is alive and
 how long it has left. Rich alone cannot do the second part (a non-terminal Console
@@ -141,17 +141,18 @@ class _Silent:
 def progress(description: str, total: float | None = None, *, completed: float = 0, enabled: bool = True,
              stream: TextIO | None = None, interval_s: float = INTERVAL_S,
              clock: Callable[[], float] = time.monotonic, heartbeat: bool = True) -> Iterator[Tracker]:
-    """A progress tracker on `stream` (default stderr); `total=None` when the amount of work is unknown.
+    """A progress tracker; `total=None` when the amount of work is unknown.
 
-    `heartbeat=False` skips the background thread (tests drive `tick()` with a fake clock).
+    Goes to the CLI's console (standard output) unless `stream` is given. `heartbeat=False`
+    skips the background thread (tests drive `tick()` with a fake clock).
     """
-    stream = stream or sys.stderr
     if not enabled:
         yield _Silent()
         return
-    if _isatty(stream):
+    if _isatty(stream or sys.stdout):
         yield from _rich_tracker(description, total, completed, stream)
         return
+    stream = stream or sys.stdout
     tracker = PlainTracker(description, total, stream, interval_s, clock, completed)
     stop = threading.Event()
     thread = None
@@ -174,9 +175,19 @@ def progress(description: str, total: float | None = None, *, completed: float =
 _ACTIVE: list = []  # the rich Progress on screen: nested work (distill inside sweep) adds a row to it
 
 
-def _rich_tracker(description: str, total: float | None, completed: float, stream: TextIO) -> Iterator[Tracker]:
+def _rich_tracker(description: str, total: float | None, completed: float,
+                  stream: TextIO | None) -> Iterator[Tracker]:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from edgeopt.console import shared_console
 
     label = f"{_STEP.get()}: {description}" if _STEP.get() else description
     if _ACTIVE:
@@ -187,9 +198,10 @@ def _rich_tracker(description: str, total: float | None, completed: float, strea
         finally:
             bar.remove_task(task)
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=Console(file=stream), transient=True) as bar:
+    counted = (BarColumn(), MofNCompleteColumn()) if total else (SpinnerColumn(),)
+    columns = (TextColumn("{task.description}"), *counted, TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    console = shared_console() if stream is None else Console(file=stream)
+    with Progress(*columns, console=console, transient=True) as bar:
         _ACTIVE.append(bar)
         try:
             yield _RichTracker(bar, bar.add_task(label, total=total, completed=completed, info=""))

@@ -191,9 +191,9 @@ def sweep(
     recipe: Path, rank_ratios: str, profile_name: str, out: Path | None, steps: int | None, threads: int
 ) -> None:
     """Factorize RECIPE's model at each rank ratio, distill, and compare accuracy and latency."""
-    from edgeopt.console import make_console
+    from edgeopt.console import shared_console
 
-    console = make_console()
+    console = shared_console()
     ratios = parse_ratios(rank_ratios)
     loaded = load_recipe(recipe)
     if not any(s.name == "lowrank" for s in loaded.passes):

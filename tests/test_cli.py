@@ -30,6 +30,7 @@ def test_optimize_end_to_end(cli_runner, root, tmp_path):
     assert result.exit_code == 0, result.output
     for column in ("params", "size MB", "top-1 %", "p50", "p10–p90"):
         assert column in result.output
+    assert "cli.py:" not in result.output  # log lines carry no source suffix
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and [r["pass"] for r in report["steps"]] == ["original", "lowrank", "finetune", "export"]
     assert "| export | onnx fp32 |" in (out / "report.md").read_text()

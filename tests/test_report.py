@@ -248,3 +248,12 @@ def test_a_report_json_from_before_spreads_still_loads(tmp_path):
     assert report.steps[0].latency_ms.p10 == pytest.approx(float(np.percentile(samples, 10)))
     assert report.budgets["max_latency_ms"].status == "ok" and report.measurement is None
     assert "r on x86-cpu" in _terminal(report)
+
+
+def test_console_width_follows_columns_in_a_pipe(monkeypatch):
+    from edgeopt.console import make_console
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert make_console().width == 80
+    monkeypatch.delenv("COLUMNS")
+    assert make_console().width == 160  # a pipe or CI log: wide enough for every table

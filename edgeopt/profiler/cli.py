@@ -31,9 +31,9 @@ _INVENTORY_KEY = "edgeopt.profiler.inventory"
 
 
 def _console() -> Console:
-    from edgeopt.console import make_console
+    from edgeopt.console import shared_console
 
-    return make_console()
+    return shared_console()
 
 
 def run_bundle(run_dir: Path) -> Path:
