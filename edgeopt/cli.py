@@ -64,6 +64,7 @@ def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | No
     Steps whose inputs and config did not change since the last run are skipped.
     Exits 1 when the final artifact misses a budget.
     """
+    from edgeopt.fileio import read_json
     from edgeopt.pipeline import Pipeline, Timing, budgets_for, verdict
     from edgeopt.profiles import load_profile
     from edgeopt.recipes import load_recipe
@@ -83,7 +84,9 @@ def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | No
     with console.status(f"optimizing {loaded.name} for {profile.name}") as status:
         pipeline.notify = lambda message: (status.update(message), console.log(message))
         steps = pipeline.run()
-    report = build_report(loaded.name, profile, steps, verdict(steps, budgets_for(loaded, profile)))
+    bundle = run_dir / "bundle" / "meta.json"
+    bundle_runtime = read_json(bundle)["runtime"] if bundle.is_file() else None
+    report = build_report(loaded.name, profile, steps, verdict(steps, budgets_for(loaded, profile)), bundle_runtime)
     write_report(run_dir, report)
     print_report(report, console)
     console.print(f"run directory: {run_dir}")

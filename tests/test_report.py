@@ -88,6 +88,10 @@ def test_jetson_bundle_timed_with_onnxruntime_says_so():
                           _steps([1.0, 0.5], [0.976, 0.97], "onnxruntime"), CHECKS)
     assert any("TensorRT" in note and "onnxruntime" in note for note in report.measurement.notes)
     assert "TensorRT" in to_markdown(report) and "TensorRT" in to_html(report)
+    # a model TensorRT would refuse ships as an onnxruntime bundle: nothing to point out then
+    fallback = build_report("digits-vmamba", load_profile("jetson-orin-nano"),
+                            _steps([1.0, 0.5], [0.976, 0.97], "onnxruntime"), CHECKS, bundle_runtime="onnxruntime")
+    assert not any("TensorRT" in note for note in fallback.measurement.notes)
 
 
 def test_drop_is_negative_and_spread_and_noise_are_shown():

@@ -11,11 +11,15 @@ from __future__ import annotations
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from edgeopt.errors import InputError
+from edgeopt.profiles import Profile
+
+if TYPE_CHECKING:
+    from edgeopt.pipeline import StepResult
 
 REPORT_JSON = "report.json"
 DEFAULT_METRIC = "top-1"
@@ -165,8 +169,12 @@ class Report(_Model):
         return self.model_dump(mode="json", by_alias=True)
 
 
-def measurement(profile, result: dict[str, Any]) -> Measurement:  # noqa: ANN001 (a profiles.Profile)
-    """Where `result` (a profiler JSON) was taken, judged against the profile's hardware."""
+def measurement(profile: Profile, result: dict[str, Any], bundle_runtime: str | None = None) -> Measurement:
+    """Where `result` (a profiler JSON) was taken, judged against the profile's hardware.
+
+    `bundle_runtime`: what the run's deployable bundle runs with on the device (default: the
+    profile's first runtime); a TensorRT bundle timed here with another runtime says so.
+    """
     target = result.get("target") or {}
     facts = result.get("device") or {}
     arch = facts.get("arch") or platform.machine()
@@ -174,8 +182,9 @@ def measurement(profile, result: dict[str, Any]) -> Measurement:  # noqa: ANN001
     same_hardware = arch == profile.arch and profile.accelerator.kind == "none"
     notes = []
     runtime = result.get("runtime")
-    if profile.runtimes[0] != runtime and profile.runtimes[0] == "tensorrt":
-        notes.append(f"{profile.name} runs its bundle with TensorRT; these figures were timed with {runtime}")
+    if (bundle_runtime or profile.runtimes[0]) == "tensorrt" and runtime != "tensorrt":
+        notes.append(f"the {profile.name} bundle runs with TensorRT on the device; these figures were timed "
+                     f"with {runtime}")
     if remote:
         where = f"device '{target['device']}'"
         return Measurement(on_device=True, where=where, label=f"measured on {where} ({arch})", notes=notes)
@@ -187,11 +196,12 @@ def measurement(profile, result: dict[str, Any]) -> Measurement:  # noqa: ANN001
                        notes=notes)
 
 
-def build_report(recipe: str, profile, steps: list, checks: dict[str, dict[str, Any]]) -> Report:  # noqa: ANN001
-    """The report of a pipeline run (`steps`: pipeline.StepResult, `checks`: pipeline.verdict)."""
+def build_report(recipe: str, profile: Profile, steps: list[StepResult], checks: dict[str, dict[str, Any]],
+                 bundle_runtime: str | None = None) -> Report:
+    """The report of a pipeline run (`checks`: pipeline.verdict; `bundle_runtime`: see `measurement`)."""
     base = steps[0].metrics
     base_latency = Latency.from_profile(base["profile"]["latency_ms"])
-    where = measurement(profile, steps[-1].metrics["profile"])
+    where = measurement(profile, steps[-1].metrics["profile"], bundle_runtime)
     rows, params = [], None
     for step in steps:
         m = step.metrics
@@ -219,7 +229,7 @@ def build_report(recipe: str, profile, steps: list, checks: dict[str, dict[str, 
     )
 
 
-def environment(steps: list) -> Environment:
+def environment(steps: list[StepResult]) -> Environment:
     from edgeopt import __version__
     from edgeopt.pipeline import toolchain_versions
 
