@@ -107,6 +107,7 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
     from edgeopt.evaluate import artifact_outputs, parity, torch_outputs
     from edgeopt.exporters import export
     from edgeopt.models import build_model
+    from edgeopt.progress import progress
     from edgeopt.recipes import load_recipe
 
     loaded = load_recipe(recipe)
@@ -119,7 +120,7 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
         path = build_engine_from_model(model, example, out)
         console.print(f"wrote {path}")
         return
-    with console.status(f"exporting to {fmt}"):
+    with progress(f"exporting to {fmt}"):  # a spinner here, a line every 30 s in a CI log
         path = export(fmt, model, example, out)
     x = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval.x[:256].numpy()
     check = parity(torch_outputs(model, x), artifact_outputs(ModelArtifact(fmt, path, ModelSource(spec.name), ()), x))
