@@ -165,11 +165,11 @@ def progress(description: str, total: float | None = None, *, completed: float =
         thread.start()
     try:
         yield tracker
-        tracker.finish()
     finally:
         stop.set()
         if thread is not None:
             thread.join()
+    tracker.finish()  # after the heartbeat stopped: "done" is the last line
 
 
 _ACTIVE: list = []  # the rich Progress on screen: nested work (distill inside sweep) adds a row to it
