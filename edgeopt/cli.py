@@ -186,18 +186,22 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    from edgeopt.report.cells import ms
-    from edgeopt.report.model import measurement
+    from edgeopt.report.cells import Table as Cells
+    from edgeopt.report.cells import ms, spread, unit
+    from edgeopt.report.model import Latency, measurement
+    from edgeopt.report.terminal import rich_table
 
-    lat = result["latency_ms"]
-    table = Table(title=f"{artifact.name}: {measurement(load_profile(profile_name), result).label}", title_justify="left")
-    for column in ("runtime", "threads", "p50 ms", "p10–p90 ms", "p99 ms", "init ms", "peak MB", "top-1 %"):
-        table.add_column(column, justify="right")
-    low = lat.get("p10", lat["min"])
-    table.add_row(result["runtime"], str(result["threads"]), ms(lat["p50"]), f"{ms(low)}–{ms(lat['p90'])}",
-                  ms(lat["p99"]), f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}",
-                  f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "— (no --recipe)")
-    console.print(table)
+    lat = Latency.from_profile(result["latency_ms"])
+    name, scale = unit([lat])
+    accuracy = f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "—"
+    cells = Cells(["runtime", "threads", f"p50 {name}", f"p10–p90 {name}", f"p99 {name}", "init ms", "peak MB",
+                   "top-1 %"],
+                  [[result["runtime"], str(result["threads"]), ms(lat.p50, scale), spread(lat, scale),
+                    ms(lat.p99, scale), f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}", accuracy]])
+    title = f"{artifact.name}: {measurement(load_profile(profile_name), result).label}"
+    console.print(rich_table(cells, console.width, title=title))
+    if not result.get("accuracy"):
+        console.print("timed on random inputs of the model's input shape; give --recipe for accuracy", style="dim")
 
 
 # -- report -------------------------------------------------------------------

@@ -34,7 +34,7 @@ def column_widths(table: Table, width: int) -> list[int] | None:
     return widths
 
 
-def _rich(table: Table, width: int, title: str | None = None, styled: int | None = None) -> RichTable:
+def rich_table(table: Table, width: int, title: str | None = None, styled: int | None = None) -> RichTable:
     out = RichTable(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False,
                     show_edge=False, title_justify="left")
     widths = column_widths(table, width)
@@ -51,11 +51,11 @@ def _rich(table: Table, width: int, title: str | None = None, styled: int | None
 
 def print_report(report: Report, console: Console) -> None:
     width = console.width
-    console.print(_rich(steps_table(report), width, title=report.title))
+    console.print(rich_table(steps_table(report), width, title=report.title))
     if report.budgets:
-        console.print(_rich(budgets_table(report), width, title="budgets", styled=3))
+        console.print(rich_table(budgets_table(report), width, title="budgets", styled=3))
     if report.devices:
-        console.print(_rich(devices_table(report.devices), width, title="final bundle on devices", styled=1))
+        console.print(rich_table(devices_table(report.devices), width, title="final bundle on devices", styled=1))
     for line in notes(report):
         console.print(line, style="dim", highlight=False)
     if environment_line(report):
