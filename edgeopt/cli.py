@@ -6,6 +6,7 @@ the traceback only with --debug).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -165,7 +166,9 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
         runtime = next((r for r, suffixes in MODEL_SUFFIXES.items() if artifact.suffix in suffixes), None)
         if runtime is None:
             raise InputError(f"unknown model format '{artifact.suffix}' (expected .onnx, .tflite or .engine)")
-        threads = threads or load_profile(profile_name).threads
+        if threads is None:  # on this host, more threads than cores only measures contention
+            threads = load_profile(profile_name).threads
+            threads = threads if device else min(threads, os.cpu_count() or 1)
         if recipe is None:
             import numpy as np
 
@@ -247,14 +250,13 @@ def regress(targets: Path, baselines: Path, out: Path, update: bool, only_profil
                                           only_profiles=list(only_profiles) or None,
                                           notify=lambda message: (status.update(message), console.log(message)))
     from edgeopt.regress import host_isa
+    from edgeopt.report.cells import Table as Cells
+    from edgeopt.report.terminal import rich_table
 
-    table = Table(title=f"regression check on {host_isa()}")
-    for column in ("recipe", "profile", "metric", "measured", "limit", "source", "verdict"):
-        table.add_column(column)
-    for c in checks:
-        table.add_row(c.recipe, c.profile, c.metric, f"{c.measured:.4f}", f"{c.limit:.4f}", c.source,
-                      "[green]ok[/]" if c.ok else "[red]REGRESSION[/]")
-    console.print(table)
+    cells = Cells(["recipe", "profile", "metric", "measured", "limit", "source", "verdict"],
+                  [[c.recipe, c.profile, c.metric, f"{c.measured:.4f}", f"{c.limit:.4f}", c.source,
+                    "ok" if c.ok else "REGRESSION"] for c in checks], left=3)
+    console.print(rich_table(cells, console.width, title=f"regression check on {host_isa()}", styled=6))
     if update:
         console.print(f"baselines rewritten: {baselines} ({len(measured)} recipe×profile pairs)")
         return

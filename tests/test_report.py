@@ -261,3 +261,19 @@ def test_console_width_follows_columns_in_a_pipe(monkeypatch):
     assert make_console().width == 80
     monkeypatch.delenv("COLUMNS")
     assert make_console().width == 160  # a pipe or CI log: wide enough for every table
+
+
+def test_too_long_names_fold_but_numbers_stay_whole():
+    """The regress table: names longer than 80 columns allow fold; figures and verdicts never do."""
+    from edgeopt.report.cells import Table
+    from edgeopt.report.terminal import rich_table
+
+    rows = [["digits-vmamba-lowrank", "jetson-orin-nano", "max_peak_memory_mb", "1234.5678", "2048.0000",
+             "baseline (other ISA)", "REGRESSION"]]
+    console = Console(width=80, file=StringIO(), color_system=None)
+    console.print(rich_table(Table(["recipe", "profile", "metric", "measured", "limit", "source", "verdict"], rows,
+                                   left=3), 80, styled=6))
+    text = console.file.getvalue()
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    for cell in ("1234.5678", "2048.0000", "REGRESSION"):
+        assert cell in text, text

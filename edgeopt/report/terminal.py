@@ -14,8 +14,9 @@ from rich.table import Table as RichTable
 from edgeopt.report.cells import Table, budgets_table, devices_table, environment_line, notes, steps_table
 from edgeopt.report.model import Report
 
-STATUS_STYLE = {"ok": "green", "MISSED": "red", "not measured": "yellow", "failed": "red"}
+STATUS_STYLE = {"ok": "green", "MISSED": "red", "REGRESSION": "red", "not measured": "yellow", "failed": "red"}
 GAP = 2  # characters between columns (collapsed padding + the box's space)
+MIN_TEXT = 6  # narrowest a folded name column gets
 
 
 def column_widths(table: Table, width: int) -> list[int] | None:
@@ -26,6 +27,13 @@ def column_widths(table: Table, width: int) -> list[int] | None:
     if sum(natural) <= available:
         return None
     widths = [max(len(word) for cell in column for word in cell.split() or [""]) for column in cells]
+    if sum(widths) > available:  # even whole words do not fit: names fold, numbers stay whole
+        text = range(table.left)
+        room = max(available - sum(widths[table.left:]), MIN_TEXT * table.left)
+        share = sum(widths[i] for i in text)
+        for i in text:
+            widths[i] = max(MIN_TEXT, min(widths[i], room * widths[i] // share))
+        return widths
     leftover = available - sum(widths)
     for i in sorted(range(len(widths)), key=lambda i: natural[i] - widths[i]):
         extra = max(0, min(natural[i] - widths[i], leftover))
