@@ -7,6 +7,7 @@ stay readable.
 
 from __future__ import annotations
 
+from edgeopt.report.cells import step_names
 from edgeopt.report.model import Report
 
 LOG_SPAN = 10.0  # max / min latency from which an axis is logarithmic
@@ -25,7 +26,7 @@ def figures(report: Report) -> dict:
     import matplotlib.pyplot as plt
 
     steps = report.steps
-    names = [s.step for s in steps]
+    names = step_names(report)  # as in the tables
     where = report.measurement.label if report.measurement else report.profile
     out = {}
 
@@ -49,10 +50,10 @@ def figures(report: Report) -> dict:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     points = []
-    for s in steps:
+    for name, s in zip(names, steps, strict=True):
         lat = s.latency_ms
         ax.errorbar(lat.p50, 100 * s.accuracy, xerr=[[lat.p50 - lat.low], [lat.p90 - lat.p50]], fmt="o", capsize=3)
-        ax.annotate(s.step, (lat.p50, 100 * s.accuracy), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(name, (lat.p50, 100 * s.accuracy), fontsize=8, xytext=(4, 4), textcoords="offset points")
         points.append(lat.p50)
     for d in report.devices:
         if d.error or d.latency_ms is None or d.accuracy is None:
