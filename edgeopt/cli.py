@@ -6,19 +6,19 @@ the traceback only with --debug), 130 interrupted (Ctrl-C).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from edgeopt import __version__
+from edgeopt.console import make_console, shared_console
 from edgeopt.errors import InputError
 
-# Tables stay readable when the output is a pipe or a CI log (rich would assume 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+console = shared_console()
+err_console = make_console(stderr=True)
 
 
 class BudgetMissed(Exception):
@@ -70,10 +70,11 @@ def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | No
     Steps whose inputs and config did not change since the last run are skipped.
     Exits 1 when the final artifact misses a budget.
     """
+    from edgeopt.fileio import read_json
     from edgeopt.pipeline import Pipeline, Timing, budgets_for, verdict
     from edgeopt.profiles import load_profile
     from edgeopt.recipes import load_recipe
-    from edgeopt.report import build_report, write_report
+    from edgeopt.report import build_report, print_report, write_report
 
     loaded = load_recipe(recipe)
     profile = load_profile(profile_name)
@@ -89,31 +90,15 @@ def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | No
     with console.status(f"optimizing {loaded.name} for {profile.name}") as status:
         pipeline.notify = lambda message: (status.update(message), console.log(message))
         steps = pipeline.run()
-    report = build_report(loaded.name, profile.name, steps, verdict(steps, budgets_for(loaded, profile)))
+    bundle = run_dir / "bundle" / "meta.json"
+    bundle_runtime = read_json(bundle)["runtime"] if bundle.is_file() else None
+    report = build_report(loaded.name, profile, steps, verdict(steps, budgets_for(loaded, profile)), bundle_runtime)
     write_report(run_dir, report)
-    print_report(report)
+    print_report(report, console)
     console.print(f"run directory: {run_dir}")
-    missed = [name for name, check in report["budgets"].items() if not check["ok"]]
+    missed = [name for name, budget in report.budgets.items() if budget.ok is False]
     if missed:
         raise BudgetMissed(", ".join(missed))
-
-
-def print_report(report: dict) -> None:
-    from edgeopt.report import TABLE_COLUMNS, budget_rows, table_rows
-
-    table = Table(title=f"{report['recipe']} on {report['profile']}")
-    for column in TABLE_COLUMNS:
-        table.add_column(column, justify="left" if column in ("step", "format") else "right")
-    for row in table_rows(report):
-        table.add_row(*row)
-    console.print(table)
-    if report["budgets"]:
-        budgets = Table(title="budgets")
-        for column in ("budget", "measured", "limit", "verdict"):
-            budgets.add_column(column)
-        for row in budget_rows(report):
-            budgets.add_row(*row[:3], f"[green]{row[3]}[/]" if row[3] == "ok" else f"[red]{row[3]}[/]")
-        console.print(budgets)
 
 
 # -- export -------------------------------------------------------------------
@@ -129,6 +114,7 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
     from edgeopt.exporters import export
     from edgeopt.fileio import writable_dir
     from edgeopt.models import build_model, check_input_shape
+    from edgeopt.progress import progress
     from edgeopt.recipes import load_recipe
 
     loaded = load_recipe(recipe)
@@ -143,7 +129,7 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
         path = build_engine_from_model(model, example, out)
         console.print(f"wrote {path}")
         return
-    with console.status(f"exporting to {fmt}"):
+    with progress(f"exporting to {fmt}"):  # a spinner here, a line every 30 s in a CI log
         path = export(fmt, model, example, out)
     x = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval.x[:256].numpy()
     check = parity(torch_outputs(model, x), artifact_outputs(ModelArtifact(fmt, path, ModelSource(spec.name), ()), x))
@@ -156,7 +142,8 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
 # -- profile ------------------------------------------------------------------
 @cli.command("profile")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe whose eval split gives accuracy (for a model file).")
+@click.option("--recipe", type=click.Path(path_type=Path),
+              help="Recipe whose eval split gives accuracy (for a model file) [default: latency and memory only].")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="Runtime threads [default: the profile's].")
 @click.option("--profile", "profile_name", default="x86-cpu", show_default=True, help="Hardware profile (threads).")
 @click.option("--device", help="Inventory device to run on over SSH [default: this host].")
@@ -166,7 +153,9 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON result.")
 def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profile_name: str, device: str | None,
                 runs: int, min_seconds: float, warmup: int, as_json: bool) -> None:
-    """Profile ARTIFACT (an .onnx/.tflite file, or a bundle directory) for latency, memory and accuracy."""
+    """Profile ARTIFACT (an .onnx/.tflite file, or a bundle directory) for latency, memory, init time and,
+    with a bundle or --recipe, accuracy. Without --recipe a model file is timed on random inputs of its
+    own input shape."""
     import json
     import tempfile
 
@@ -180,48 +169,66 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
     else:
         if not artifact.is_file():
             raise InputError(f"artifact not found: {artifact}")
-        if recipe is None:
-            raise InputError("profiling a model file needs --recipe (its eval split gives the accuracy)")
-        from edgeopt.data import load_dataset
         from edgeopt.profiler.bundle import MODEL_SUFFIXES
-        from edgeopt.recipes import load_recipe
 
         runtime = next((r for r, suffixes in MODEL_SUFFIXES.items() if artifact.suffix in suffixes), None)
         if runtime is None:
             raise InputError(f"unknown model format '{artifact.suffix}' (expected .onnx, .tflite or .engine)")
-        loaded = load_recipe(recipe)
-        split = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval
-        threads = threads or load_profile(profile_name).threads
+        if threads is None:  # on this host, more threads than cores only measures contention
+            threads = load_profile(profile_name).threads
+            threads = threads if device else min(threads, os.cpu_count() or 1)
+        if recipe is None:
+            import numpy as np
+
+            from edgeopt.profiler.inputs import synthetic_inputs
+
+            x, batch = synthetic_inputs(artifact, runtime)
+            data = {"eval_x": x, "eval_y": np.zeros(len(x), np.int64), "labelled": False, "batch_size": batch}
+        else:
+            from edgeopt.data import load_dataset
+            from edgeopt.recipes import load_recipe
+
+            loaded = load_recipe(recipe)
+            split = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval
+            data = {"eval_x": split.x.numpy(), "eval_y": split.y.numpy()}
         with tempfile.TemporaryDirectory() as work:
-            result = profile_model(artifact, runtime, split.x.numpy(), split.y.numpy(), threads=threads,
-                                   work_dir=Path(work), runner=runner, device=device, **timing)
+            result = profile_model(artifact, runtime, threads=threads, work_dir=Path(work), runner=runner,
+                                   device=device, **data, **timing)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    lat = result["latency_ms"]
-    table = Table(title=str(artifact))
-    for column in ("runtime", "threads", "mean ms", "p50 ms", "p90 ms", "p99 ms", "init ms", "peak MB", "top-1 %"):
-        table.add_column(column, justify="right")
-    table.add_row(result["runtime"], str(result["threads"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
-                  f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}",
-                  f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "—")
-    console.print(table)
+    from edgeopt.report.cells import Table as Cells
+    from edgeopt.report.cells import ms, spread, unit
+    from edgeopt.report.model import Latency, measurement
+    from edgeopt.report.terminal import rich_table
+
+    lat = Latency.from_profile(result["latency_ms"])
+    name, scale = unit([lat])
+    accuracy = f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "—"
+    cells = Cells(["runtime", "threads", f"p50 {name}", f"p10–p90 {name}", f"p99 {name}", "init ms", "peak MB",
+                   "top-1 %"],
+                  [[result["runtime"], str(result["threads"]), ms(lat.p50, scale), spread(lat, scale),
+                    ms(lat.p99, scale), f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}", accuracy]])
+    title = f"{artifact.name}: {measurement(load_profile(profile_name), result).label}"
+    console.print(rich_table(cells, console.width, title=title))
+    if not result.get("accuracy"):
+        console.print("timed on random inputs of the model's input shape; give --recipe for accuracy", style="dim")
 
 
 # -- report -------------------------------------------------------------------
 @cli.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-def report_cmd(run_dir: Path) -> None:
-    """Show the report of RUN_DIR and rewrite its report.html, with device results from
-    `edgeopt devices profile` (RUN_DIR/profile/*.json) when there are any."""
-    from edgeopt.fileio import read_json
-    from edgeopt.report import load_report
-    from edgeopt.report_html import write_html
+@click.option("--out", type=click.Path(path_type=Path), help="Where report.md/report.html go [default: RUN_DIR].")
+def report_cmd(run_dir: Path, out: Path | None) -> None:
+    """Show the report of RUN_DIR with the device results of `edgeopt devices profile|profile-all`
+    (RUN_DIR/profile/*.json, failures included), and rewrite its report.md and report.html."""
+    from edgeopt.fileio import writable_dir
+    from edgeopt.report import load_devices, load_report, print_report, write_views
 
-    report = load_report(run_dir)
-    print_report(report)
-    devices = {p.stem: read_json(p) for p in sorted((run_dir / "profile").glob("*.json")) if p.stem != "all"}
-    console.print(f"wrote {write_html(run_dir, report, devices)}")
+    report = load_report(run_dir).with_devices(load_devices(run_dir))
+    out = writable_dir(out or run_dir)  # before the plots are drawn
+    print_report(report, console)
+    console.print(f"wrote {write_views(out, report)}")
 
 
 # -- regress ------------------------------------------------------------------
@@ -251,14 +258,13 @@ def regress(targets: Path, baselines: Path, out: Path, update: bool, only_profil
                                           only_profiles=list(only_profiles) or None,
                                           notify=lambda message: (status.update(message), console.log(message)))
     from edgeopt.regress import host_isa
+    from edgeopt.report.cells import Table as Cells
+    from edgeopt.report.terminal import rich_table
 
-    table = Table(title=f"regression check on {host_isa()}")
-    for column in ("recipe", "profile", "metric", "measured", "limit", "source", "verdict"):
-        table.add_column(column)
-    for c in checks:
-        table.add_row(c.recipe, c.profile, c.metric, f"{c.measured:.4f}", f"{c.limit:.4f}", c.source,
-                      "[green]ok[/]" if c.ok else "[red]REGRESSION[/]")
-    console.print(table)
+    cells = Cells(["recipe", "profile", "metric", "measured", "limit", "source", "verdict"],
+                  [[c.recipe, c.profile, c.metric, f"{c.measured:.4f}", f"{c.limit:.4f}", c.source,
+                    "ok" if c.ok else "REGRESSION"] for c in checks], left=3)
+    console.print(rich_table(cells, console.width, title=f"regression check on {host_isa()}", styled=6))
     if update:
         console.print(f"baselines rewritten: {baselines} ({len(measured)} recipe×profile pairs)")
         return

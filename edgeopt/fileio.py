@@ -67,7 +67,7 @@ def write_with(target: Path, writer: Callable[[Path], None]) -> Path:
     return Path(target)
 
 
-def writable_dir(directory: Path) -> Path:
+def writable_dir(directory: Path, option: str = "--out") -> Path:
     """Create `directory` if needed and prove it takes files, before any long work starts."""
     from edgeopt.errors import InputError
 
@@ -77,7 +77,7 @@ def writable_dir(directory: Path) -> Path:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
-        raise InputError(f"cannot write to {directory}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot write to {option} {directory}: {exc.strerror or exc}") from None
     return directory
 
 

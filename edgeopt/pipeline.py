@@ -31,6 +31,7 @@ from edgeopt.models import build_model, check_input_shape, resolve_factory
 from edgeopt.passes import Pass, PassContext, make_pass
 from edgeopt.passes.export import host_format
 from edgeopt.profiles import Budgets, Profile
+from edgeopt.progress import step_label
 from edgeopt.recipes import Recipe
 from edgeopt.stepcache import StepCache, default_cache_dir, file_sha256
 
@@ -194,7 +195,8 @@ class Pipeline:
         self.notify(f"{step_dir.name}: running")
         start = time.perf_counter()
         pass_metrics: dict[str, Any] = {}
-        artifact = make(pass_metrics)
+        with step_label(step_dir.name):  # progress lines in CI logs name the step
+            artifact = make(pass_metrics)
         return artifact, pass_metrics, time.perf_counter() - start
 
     # -- the shared, content-addressed step cache ---------------------------

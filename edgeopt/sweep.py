@@ -28,6 +28,7 @@ from edgeopt.lowrank.measure import export_for_timing, macs, ort_latency_ms, par
 from edgeopt.models import build_model, check_input_shape
 from edgeopt.passes import PassContext, make_pass
 from edgeopt.profiles import load_profile
+from edgeopt.progress import step_label
 from edgeopt.recipes import Recipe, load_recipe
 
 
@@ -94,7 +95,8 @@ def run_sweep(
             log(f"{name}: factorized, eval top-1 {100 * lowrank_acc:.2f}% before distillation")
             dctx = PassContext(splits, profile, step / "distill", [teacher, student], seed=recipe.seed)
             dctx.step_dir.mkdir(parents=True, exist_ok=True)
-            result = make_pass("distill", distill_cfg).run(student, dctx)
+            with step_label(f"sweep {name}"):  # distill's progress lines in a CI log name the ratio
+                result = make_pass("distill", distill_cfg).run(student, dctx)
             distilled = result.load_module()
             row = Row(name, ratio, params(distilled), ss2d_params(distilled), macs(distilled, example), lowrank_acc,
                       accuracy(distilled), distill={k: v for k, v in dctx.metrics.items() if k != "history"},
@@ -245,11 +247,9 @@ def sweep(
     recipe: Path, rank_ratios: str, profile_name: str, out: Path | None, steps: int | None, threads: int
 ) -> None:
     """Factorize RECIPE's model at each rank ratio, distill, and compare accuracy and latency."""
-    import sys
+    from edgeopt.console import shared_console
 
-    from rich.console import Console
-
-    console = Console(width=None if sys.stdout.isatty() else 160)  # readable in pipes and CI logs
+    console = shared_console()
     ratios = parse_ratios(rank_ratios)
     loaded = load_recipe(recipe)
     if not any(s.name == "lowrank" for s in loaded.passes):

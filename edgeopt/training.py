@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 from torch import nn
 
 from edgeopt.data import Split, Splits
 from edgeopt.evaluate import top1_accuracy, torch_outputs
+from edgeopt.progress import progress
 
 
 def train_classifier(
@@ -31,16 +31,18 @@ def train_classifier(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(splits.train) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    for _ in track(range(epochs), description="training", transient=True):
-        model.train()
-        order = torch.randperm(len(splits.train), generator=generator)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            loss = F.cross_entropy(model(splits.train.x[idx]), splits.train.y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with progress("training", total=steps) as bar:
+        for epoch in range(epochs):
+            model.train()
+            order = torch.randperm(len(splits.train), generator=generator)
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                loss = F.cross_entropy(model(splits.train.x[idx]), splits.train.y[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.advance(info=f"epoch {epoch + 1}/{epochs}, loss {float(loss.detach()):.3f}")
     return evaluate(model, splits.eval)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -27,17 +28,20 @@ def test_optimize_end_to_end(cli_runner, root, tmp_path):
     out = tmp_path / "run"
     result = cli_runner.invoke(cli, ["optimize", str(root / "targets/digits-mlp.yaml"), "--profile", "x86-cpu", "--out", str(out), *FAST])
     assert result.exit_code == 0, result.output
-    for column in ("params", "size MB", "top-1 %", "p50 ms"):
+    for column in ("params", "size MB", "top-1 %", "p50", "p10–p90"):
         assert column in result.output
+    assert "cli.py:" not in result.output  # log lines carry no source suffix
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and [r["pass"] for r in report["steps"]] == ["original", "lowrank", "finetune", "export"]
-    assert "| 03-export |" in (out / "report.md").read_text()
+    assert "| export | onnx fp32 |" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "03-export" in page
+    assert page.count("data:image/png;base64,") == 3 and "<td>export</td>" in page
+    expected = "measured on this x86_64 host" if platform.machine() == "x86_64" else "not on the device"
+    assert expected in page
     on_host = cli_runner.invoke(cli, ["devices", "profile", "host", str(out), *FAST])
     assert on_host.exit_code == 0, on_host.output
     shown = cli_runner.invoke(cli, ["report", str(out)])
-    assert shown.exit_code == 0 and "03-export" in shown.output
+    assert shown.exit_code == 0 and "export" in shown.output and "final bundle on devices" in shown.output
     assert "report.html" in shown.output
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>host</td>" in page

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from edgeopt.data import Split, Splits
@@ -35,6 +34,7 @@ from edgeopt.lowrank.losses import (
     svd_loss,
 )
 from edgeopt.lowrank.plan import factor_pairs
+from edgeopt.progress import progress as track_progress
 
 RESUME = "resume.pt"
 
@@ -91,10 +91,7 @@ def distill(
         schedule.load_state_dict(saved["schedule"])
         best_weights, state = saved["best_weights"], saved["state"]
     start_step, start = state["step"], time.perf_counter()
-    columns = (TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, transient=True, disable=not progress) as bar:
-        task = bar.add_task("distill", total=s.steps, completed=start_step, info="")
+    with track_progress("distill", total=s.steps, completed=start_step, enabled=progress) as bar:
         while state["step"] < s.steps and state["bad_evals"] < s.patience:
             step = state["step"]
             student.train()
@@ -117,7 +114,7 @@ def distill(
                     state["bad_evals"] += 1
                 if resume is not None:
                     _save(resume, run_id, student, projections, optimizer, schedule, best_weights, state)
-            bar.update(task, completed=state["step"], info=f"loss {float(loss.detach()):.3f}")
+            bar.update(state["step"], info=f"loss {float(loss.detach()):.3f}")
             if out_of_time:
                 break
     student.load_state_dict(best_weights)

@@ -17,6 +17,7 @@ from edgeopt.evaluate import artifact_outputs, parity, torch_outputs
 from edgeopt.exporters import RUNTIME_FORMAT, SUFFIX, ExportError, export
 from edgeopt.passes import Pass, PassConfig, PassContext, register_pass
 from edgeopt.profiles import Profile
+from edgeopt.progress import progress
 
 HOST_FORMATS = ("onnx", "tflite")
 
@@ -45,7 +46,8 @@ class ExportPass(Pass):
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         fmt = host_format(ctx.profile) if self.config.format == "auto" else self.config.format
         module = artifact.load_module()
-        path = export(fmt, module, artifact.example_input(2), ctx.step_dir / f"model{SUFFIX[fmt]}")
+        with progress(f"exporting to {fmt}"):  # no total: a heartbeat line in CI logs
+            path = export(fmt, module, artifact.example_input(2), ctx.step_dir / f"model{SUFFIX[fmt]}")
         exported = replace(artifact, format=fmt, path=path, module=None)
         x = ctx.splits.eval.x[: self.config.parity_samples].numpy()
         check = parity(torch_outputs(module, x), artifact_outputs(exported, x))

@@ -540,6 +540,7 @@ def _latency_stats(times_s: list) -> dict:
     ms = np.asarray(times_s) * 1000.0
     return {
         "mean": float(ms.mean()),
+        "p10": float(np.percentile(ms, 10)),
         "p50": float(np.percentile(ms, 50)),
         "p90": float(np.percentile(ms, 90)),
         "p99": float(np.percentile(ms, 99)),
@@ -622,7 +623,8 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
     for _ in range(warmup):
         model.run(sample)
     times, elapsed = _time_runs(model, sample, runs, min_seconds, max_seconds)
-    correct = _count_correct(model, eval_x, eval_y, batch_size)
+    labelled = meta.get("labels", True)  # a bare model file is timed on synthetic inputs, without labels
+    correct = _count_correct(model, eval_x, eval_y, batch_size) if labelled else None
 
     result = {
         "schema": SCHEMA,
@@ -641,7 +643,7 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
         "latency_ms": _latency_stats(times),
         "baseline_rss_mb": baseline_rss,
         "peak_rss_mb": _peak_rss_mb(),
-        "accuracy": {"top1": correct / len(eval_y), "correct": correct, "total": int(len(eval_y))},
+        "accuracy": {"top1": correct / len(eval_y), "correct": correct, "total": int(len(eval_y))} if labelled else None,
         "device": device_facts(),
     }
     if engine is not None:

@@ -171,6 +171,7 @@ def make_bundle(
     providers: list[str] | None = None,
     extra_files: Iterable[Path] = (),
     precision: str | None = None,
+    labelled: bool = True,
 ) -> Path:
     """Write a bundle for `model_path` to `out_dir` (replacing it) and return `out_dir`.
 
@@ -178,6 +179,7 @@ def make_bundle(
     `providers` selects onnxruntime execution providers on the device (default CPU).
     `precision` is what a tensorrt bundle with an ONNX model builds its engine at
     (default: what the ONNX holds, see `check_tensorrt_onnx`); other bundles ignore it.
+    `labelled=False`: `eval_y` is a placeholder (synthetic inputs), so the agent reports no accuracy.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     if runtime not in MODEL_SUFFIXES:
@@ -226,6 +228,8 @@ def make_bundle(
             "threads": threads,
             "providers": providers,
         }
+        if not labelled:
+            meta["labels"] = False
         if precision is not None:
             meta["precision"] = precision
         key = json.dumps({k: v for k, v in meta.items() if k != "source_model"}, sort_keys=True)

@@ -7,7 +7,6 @@ profile-all). Errors are InputError/DeviceError: the main CLI prints one line.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,9 @@ _INVENTORY_KEY = "edgeopt.profiler.inventory"
 
 
 def _console() -> Console:
-    return Console(width=None if sys.stdout.isatty() else 160)
+    from edgeopt.console import shared_console
+
+    return shared_console()
 
 
 def run_bundle(run_dir: Path) -> Path:
@@ -142,13 +143,14 @@ def _summary(result: dict[str, Any]) -> dict[str, str]:
         "runtime": f"{result['runtime']} {result['runtime_version']}",
         "threads / batch": f"{result['threads']} / {result['batch_size']}",
         "latency mean ms": f"{lat['mean']:.3f}",
+        "latency p10 ms": f"{lat['p10']:.3f}" if "p10" in lat else "-",
         "latency p50 ms": f"{lat['p50']:.3f}",
         "latency p90 ms": f"{lat['p90']:.3f}",
         "latency p99 ms": f"{lat['p99']:.3f}",
         "runs": str(result["runs"]),
         "init ms": f"{result['init_ms']:.1f}",
         "peak RSS MB": f"{result['peak_rss_mb']:.1f}",
-        "top-1": f"{100 * result['accuracy']['top1']:.2f}%",
+        "top-1": f"{100 * result['accuracy']['top1']:.2f}%" if result.get("accuracy") else "-",
         "cpu": f"{facts.get('cpu_model')} x{facts.get('cores')} ({facts.get('arch')})",
     }
 

@@ -173,9 +173,10 @@ def profile_model(
     device: Device | str | None = None,
     batch_size: int = 1,
     input_name: str | None = None,
+    labelled: bool = True,
     **timing: Any,
 ) -> dict[str, Any]:
     """make_bundle into `work_dir/bundle`, then profile_bundle; `timing` = runs, min_seconds, ..."""
     bundle = make_bundle(model_path, runtime, eval_x, eval_y, Path(work_dir) / "bundle", threads,
-                         input_name=input_name, batch_size=batch_size)
+                         input_name=input_name, batch_size=batch_size, labelled=labelled)
     return profile_bundle(bundle, runner=runner, device=device, **timing)

@@ -1,0 +1,5 @@
+"""`python -m edgeopt`: the CLI."""
+
+from edgeopt.cli import main
+
+main()
