@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from edgeopt.errors import InputError
 from edgeopt.moe.policy import POLICIES
@@ -28,29 +35,32 @@ def moe() -> None:
 @click.option("--precisions", default="fp16,int4,int2", show_default=True,
               help="Comma-separated record precisions: fp16/fp32 (high), int4/int2 (HQQ-style groupwise).")
 def pack_cmd(model: Path, out: Path, precisions: str) -> None:
-    """Pack MODEL's experts into an expert store at OUT.
+    """Pack MODEL's experts into an expert store at OUT, streaming.
 
     MODEL is a moe-lm .safetensors checkpoint (default: the committed one) or a local
-    Hugging Face Mixtral / Qwen2-MoE / OLMoE directory.
+    Hugging Face directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3; one
+    model.safetensors or shards with model.safetensors.index.json). The model is never built
+    in memory: experts are read one at a time, so peak memory is the resident weights plus a
+    few experts.
     """
-    from edgeopt.moe.models import load_source
-    from edgeopt.moe.offload import pack
+    from edgeopt.moe.packer import pack_checkpoint
 
     precs = tuple(p.strip() for p in precisions.split(",") if p.strip())
     if not any(p in ("fp16", "fp32") for p in precs):
         raise InputError("--precisions needs a high precision (fp16 or fp32)")
     if not Path(model).exists():
         raise InputError(f"model not found: {model}")
-    with Progress(console=console, transient=True) as progress:
-        probe, _ = load_source(model)
-        from edgeopt.moe.blocks import find_moe_blocks
-
-        n = sum(len(b.gate.weight) for _, b in find_moe_blocks(probe))
-        del probe
-        task = progress.add_task("quantizing experts", total=n)
-        pack(model, out, precs, progress=lambda: progress.advance(task))
+    columns = (TextColumn("packing experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("pack", total=None)
+        report = pack_checkpoint(model, out, precs,
+                                 progress=lambda done, total: progress.update(task, completed=done, total=total))
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2**20
-    console.print(f"packed {n} experts x {len(precs)} precisions into {out} ({size:.1f} MiB)")
+    console.print(
+        f"packed {report.n_layers * report.n_experts} experts x {len(precs)} precisions into {out} ({size:.1f} MiB); "
+        f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB for a {report.checkpoint_bytes / 2**20:.0f} MiB checkpoint "
+        f"(resident weights {report.resident_bytes / 2**20:.0f} MiB)"
+    )
 
 
 def _policy_choice() -> click.Choice:
