@@ -7,8 +7,9 @@ A store is a directory:
   (fp16 matrices, or packed codes + fp16 scales + fp16 zeros). The loader reads one
   record with a single `pread` at the offset the safetensors header gives.
 - `resident.safetensors`: every non-expert parameter and buffer (they stay in memory).
-- `store.json`: model description, component layouts and a crc32 per record, so a
-  truncated or corrupted file is reported as an InputError instead of garbage logits.
+- `store.json`: model description, component layouts, a crc32 per record and one for the
+  resident file, so a truncated or corrupted file is reported as an InputError instead of
+  garbage logits.
 """
 
 from __future__ import annotations
