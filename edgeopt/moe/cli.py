@@ -1,4 +1,4 @@
-"""`edgeopt moe {pack,run,bench}`: pack experts to disk, run with offloading, compare policies."""
+"""`edgeopt moe {pack,run,bench,export-gguf}`: pack experts to disk, run with offloading, compare policies."""
 
 from __future__ import annotations
 
@@ -61,6 +61,20 @@ def pack_cmd(model: Path, out: Path, precisions: str) -> None:
         f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB for a {report.checkpoint_bytes / 2**20:.0f} MiB checkpoint "
         f"(resident weights {report.resident_bytes / 2**20:.0f} MiB)"
     )
+
+
+@moe.command("export-gguf")
+@click.argument("model", type=click.Path(path_type=Path), default=DEFAULT_CHECKPOINT)
+@click.argument("out", type=click.Path(path_type=Path), default=Path("runs/moe-lm.gguf"))
+@click.option("--dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True)
+def export_gguf_cmd(model: Path, out: Path, dtype: str) -> None:
+    """Write a moe-lm checkpoint as GGUF (llama.cpp's Mixtral layout) to run it in llama.cpp side by side."""
+    from edgeopt.moe.gguf_export import export_gguf
+
+    if not Path(model).is_file():
+        raise InputError(f"model not found: {model}")
+    path = export_gguf(model, out, dtype)
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {dtype})")
 
 
 def _policy_choice() -> click.Choice:
