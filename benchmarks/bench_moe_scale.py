@@ -10,7 +10,7 @@
 3. Measures the cold read bandwidth of the store (page cache dropped, fp16 records read in a
    random order, as misses are).
 4. Per budget and policy, in a fresh child process with the page cache dropped first: time to
-   first token (prefill of a 16-token prompt), decode tokens/s (greedy), bytes read per token,
+   first token (prefill of an 8-token prompt), decode tokens/s (greedy), bytes read per token,
    the bandwidth-bound tokens/s they imply (bandwidth / bytes per token) and the share reached,
    the high/low/skip split of expert uses, and peak RSS against budget + resident weights.
 
@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgeopt" / "moe-scale")
     p.add_argument("--budgets", default="0.1,0.25,0.5")
     p.add_argument("--policies", default="lru-fp16,all-low,static-hot,hobbit,hobbit-strict")
-    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prepare-only", action="store_true")
     args = p.parse_args()
