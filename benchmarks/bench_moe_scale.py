@@ -5,8 +5,9 @@
 
 1. Writes the checkpoint once into the cache dir (never the repo): `edgeopt.moe.synth` makes
    random bf16 weights with the shapes of the architecture (`SCALE_CONFIGS`), in 512 MiB shards.
-2. Packs it with the streaming packer in a child process (fp16 + int4), printing the packer's
-   peak RSS against the checkpoint's size (goal ≤ 25%).
+2. Packs it with the streaming packer in a child process (fp16 + int4; min-max int4 codes,
+   `--minmax`, since HQQ's search costs ~1 CPU-s per expert and the weights are random anyway),
+   printing the packer's peak RSS against the checkpoint's size (goal ≤ 25%).
 3. Measures the cold read bandwidth of the store (page cache dropped, fp16 records read in a
    random order, as misses are).
 4. Per budget and policy, in a fresh child process with the page cache dropped first: time to
@@ -67,9 +68,9 @@ def prepare(model: str, cache: Path) -> tuple[Path, dict]:
         print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
     report_path = cache / model / "pack-report.json"
     if not (store / "store.json").is_file() or not report_path.is_file():
-        print(f"packing {ckpt} -> {store} (fp16 + int4, streaming, child process) ...", flush=True)
+        print(f"packing {ckpt} -> {store} (fp16 + min-max int4, streaming, child process) ...", flush=True)
         code = ("import json,sys,time,dataclasses; from pathlib import Path; from edgeopt.moe.packer import pack_checkpoint;"
-                "t=time.perf_counter(); r=pack_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), ('fp16','int4'));"
+                "t=time.perf_counter(); r=pack_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), ('fp16','int4'), hqq=False);"
                 "d=dataclasses.asdict(r); d['out']=str(r.out); d['seconds']=time.perf_counter()-t; print(json.dumps(d))")
         out = subprocess.run([sys.executable, "-c", code, str(ckpt), str(store)], env=child_env() | {"OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True, check=True)

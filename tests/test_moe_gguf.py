@@ -57,3 +57,24 @@ def test_export_writes_llama_cpp_layout(tmp_path):
     np.testing.assert_array_equal(k, permute_rope(state["layers.0.attn.qkv.weight"][64:128].float(), 4).half().numpy())
     fields = {f.name: f for f in reader.fields.values()}
     assert int(fields["llama.expert_count"].parts[-1][0]) == 4 and int(fields["llama.expert_used_count"].parts[-1][0]) == 2
+
+
+def test_qwen3_moe_directory_exports_stacked_experts(tmp_path):
+    from edgeopt.moe.gguf_export import export_gguf_qwen3_moe
+    from edgeopt.moe.synth import write_random_checkpoint
+
+    config = dict(model_type="qwen3_moe", vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, intermediate_size=64, moe_intermediate_size=48, num_experts=4,
+                  num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False)
+    src = write_random_checkpoint(config, tmp_path / "q", shard_bytes=20_000)
+    reader = gguf.GGUFReader(str(export_gguf_qwen3_moe(src, tmp_path / "q.gguf")))
+    tensors = {t.name: t for t in reader.tensors}
+    assert list(tensors["blk.1.ffn_down_exps.weight"].shape) == [48, 32, 4]
+    assert list(tensors["blk.0.attn_k_norm.weight"].shape) == [8]
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in src.glob("model-*.safetensors"):
+        state |= load_file(str(f))
+    gate = np.asarray(tensors["blk.1.ffn_gate_exps.weight"].data).reshape(4, 48, 32)
+    np.testing.assert_array_equal(gate[2], state["model.layers.1.mlp.experts.2.gate_proj.weight"].half().numpy())

@@ -34,7 +34,9 @@ def moe() -> None:
 @click.argument("out", type=click.Path(path_type=Path), default=DEFAULT_STORE)
 @click.option("--precisions", default="fp16,int4,int2", show_default=True,
               help="Comma-separated record precisions: fp16/fp32 (high), int4/int2 (HQQ-style groupwise).")
-def pack_cmd(model: Path, out: Path, precisions: str) -> None:
+@click.option("--hqq/--minmax", default=True, show_default=True,
+              help="Low-bit codes with HQQ's zero-point search, or plain min-max (~5x faster packing, a bit less accurate).")
+def pack_cmd(model: Path, out: Path, precisions: str, hqq: bool) -> None:
     """Pack MODEL's experts into an expert store at OUT, streaming.
 
     MODEL is a moe-lm .safetensors checkpoint (default: the committed one) or a local
@@ -53,7 +55,7 @@ def pack_cmd(model: Path, out: Path, precisions: str) -> None:
     columns = (TextColumn("packing experts"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("pack", total=None)
-        report = pack_checkpoint(model, out, precs,
+        report = pack_checkpoint(model, out, precs, hqq=hqq,
                                  progress=lambda done, total: progress.update(task, completed=done, total=total))
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2**20
     console.print(
@@ -68,12 +70,13 @@ def pack_cmd(model: Path, out: Path, precisions: str) -> None:
 @click.argument("out", type=click.Path(path_type=Path), default=Path("runs/moe-lm.gguf"))
 @click.option("--dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True)
 def export_gguf_cmd(model: Path, out: Path, dtype: str) -> None:
-    """Write a moe-lm checkpoint as GGUF (llama.cpp's Mixtral layout) to run it in llama.cpp side by side."""
-    from edgeopt.moe.gguf_export import export_gguf
+    """Write MODEL as GGUF to run it in llama.cpp side by side: a moe-lm checkpoint (llama.cpp's
+    Mixtral layout) or a local Qwen3-MoE directory (F16, streamed tensor by tensor)."""
+    from edgeopt.moe.gguf_export import export_gguf, export_gguf_qwen3_moe
 
-    if not Path(model).is_file():
+    if not Path(model).exists():
         raise InputError(f"model not found: {model}")
-    path = export_gguf(model, out, dtype)
+    path = export_gguf_qwen3_moe(model, out) if Path(model).is_dir() else export_gguf(model, out, dtype)
     console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {dtype})")
 
 

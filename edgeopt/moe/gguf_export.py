@@ -61,14 +61,7 @@ def export_gguf(checkpoint: Path, out: Path, dtype: str = "f16") -> Path:
         w.add_expert_used_count(cfg.top_k)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-        w.add_tokenizer_model("llama")
-        w.add_token_list([f"<0x{i:02X}>".encode() for i in range(cfg.vocab_size)])
-        w.add_token_scores([0.0] * cfg.vocab_size)
-        w.add_token_types([gguf.TokenType.BYTE] * cfg.vocab_size)
-        w.add_bos_token_id(ord("\n"))
-        w.add_eos_token_id(0)
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
+        _vocab(w, gguf, cfg.vocab_size)
         w.add_tensor("token_embd.weight", matrix(model.embed.weight))
         d = cfg.d_model
         for i, layer in enumerate(model.layers):
@@ -92,3 +85,78 @@ def export_gguf(checkpoint: Path, out: Path, dtype: str = "f16") -> Path:
         w.close()
 
     return write_with(Path(out), write)
+
+
+def _vocab(w, gguf, n: int) -> None:
+    """An SPM vocabulary whose first 256 tokens are the bytes; the rest are placeholder pieces
+    (the models exported here are fed token ids, never text)."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<0x{i:02X}>".encode() if i < 256 else f"<t{i}>".encode() for i in range(n)])
+    w.add_token_scores([0.0] * n)
+    w.add_token_types([gguf.TokenType.BYTE if i < 256 else gguf.TokenType.NORMAL for i in range(n)])
+    w.add_bos_token_id(ord("\n"))
+    w.add_eos_token_id(0)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+def export_gguf_qwen3_moe(directory: Path, out: Path) -> Path:
+    """A local Qwen3-MoE checkpoint (e.g. the scale benchmark's random-weight one) as F16 GGUF,
+    read tensor by tensor; Qwen's RoPE is llama.cpp's NEOX type, so q/k are not permuted."""
+    import json
+
+    import gguf
+
+    from edgeopt.moe.sharded import ShardedCheckpoint
+
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    if cfg.get("model_type") != "qwen3_moe":
+        raise InputError(f"{directory}: GGUF export of HF models covers qwen3_moe only (got {cfg.get('model_type')!r})")
+    ckpt = ShardedCheckpoint(Path(directory))
+
+    def f16(name: str) -> np.ndarray:
+        return ckpt.read(name).float().numpy().astype(np.float16)
+
+    def f32(name: str) -> np.ndarray:
+        return ckpt.read(name).float().numpy()
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(str(tmp), "qwen3moe")
+        n_layers, n_experts = cfg["num_hidden_layers"], cfg.get("num_experts", cfg.get("num_local_experts"))
+        w.add_context_length(cfg["max_position_embeddings"])
+        w.add_embedding_length(cfg["hidden_size"])
+        w.add_block_count(n_layers)
+        w.add_feed_forward_length(cfg["intermediate_size"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_head_count(cfg["num_attention_heads"])
+        w.add_head_count_kv(cfg["num_key_value_heads"])
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+        w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"] if "rope_parameters" in cfg else cfg["rope_theta"])
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+        _vocab(w, gguf, cfg["vocab_size"])
+        w.add_tensor("token_embd.weight", f16("model.embed_tokens.weight"))
+        for i in range(n_layers):
+            p = f"model.layers.{i}"
+            for src, dst in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
+                             ("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")):
+                w.add_tensor(f"blk.{i}.{dst}.weight", f32(f"{p}.{src}.weight"))
+            for src, dst in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+                w.add_tensor(f"blk.{i}.{dst}.weight", f16(f"{p}.self_attn.{src}.weight"))
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", f32(f"{p}.mlp.gate.weight"))
+            for src, dst in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+                w.add_tensor(f"blk.{i}.{dst}.weight", np.stack([f16(f"{p}.mlp.experts.{e}.{src}.weight") for e in range(n_experts)]))
+        w.add_tensor("output_norm.weight", f32("model.norm.weight"))
+        w.add_tensor("output.weight", f16("lm_head.weight"))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    try:
+        return write_with(Path(out), write)
+    finally:
+        ckpt.close()

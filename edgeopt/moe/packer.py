@@ -165,9 +165,10 @@ def resident_weights(ckpt: ShardedCheckpoint, skeleton: nn.Module) -> dict[str, 
 
 def pack_checkpoint(
     source: Path, out: Path, precisions: tuple[str, ...] = ("fp16", "int4", "int2"),
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, hqq: bool = True,
 ) -> PackReport:
-    """Pack `source` into a store at `out`; `progress(bytes_done, bytes_total)` after each expert."""
+    """Pack `source` into a store at `out`; `progress(bytes_done, bytes_total)` after each expert.
+    `hqq=False` quantizes int4/int2 min-max, without HQQ's zero-point search (~5x faster to pack)."""
     info = model_info(source)
     skeleton = build_skeleton(info)
     ckpt = ShardedCheckpoint(source)
@@ -184,7 +185,7 @@ def pack_checkpoint(
         shapes = {"gate_up": list(first[0].shape), "down": list(first[1].shape)}
         expert_bytes = sum(t.numel() * t.element_size() for t in first)
         total = expert_bytes * n_experts * len(readers)
-        writer = StoreWriter(Path(out), len(readers), n_experts, shapes, precisions)
+        writer = StoreWriter(Path(out), len(readers), n_experts, shapes, precisions, hqq)
         try:
             done = 0
             for layer, (_, read) in enumerate(readers):

@@ -92,13 +92,14 @@ def _components(precision: str, shapes: dict[str, list[int]], layout: str) -> li
 _NP = {"fp16": np.float16, "fp32": np.float32, "uint8": np.uint8, "bf16": np.int16}  # bf16 travels as raw int16
 
 
-def encode_expert(gate_up: torch.Tensor, down: torch.Tensor, precision: str, layout: str = PORTABLE_LAYOUT) -> bytes:
+def encode_expert(gate_up: torch.Tensor, down: torch.Tensor, precision: str, layout: str = PORTABLE_LAYOUT,
+                  hqq: bool = True) -> bytes:
     if precision in HIGH_PRECISIONS:
         parts = [t.detach().to(HIGH_PRECISIONS[precision]).contiguous() for t in (gate_up, down)]
     elif precision in LOW_PRECISIONS:
         parts = []
         for t in (gate_up, down):
-            q = quantize(t, LOW_PRECISIONS[precision])
+            q = quantize(t, LOW_PRECISIONS[precision], optimize=hqq)
             if precision == "int4" and layout == KERNEL_LAYOUT:
                 k = Int4Kernel.from_quantized(q)
                 parts += [k.packed, k.scales_zeros.view(torch.int16)]
@@ -155,7 +156,7 @@ class StoreWriter:
     """
 
     def __init__(self, out: Path, n_layers: int, n_experts: int, shapes: dict[str, list[int]],
-                 precisions: tuple[str, ...]) -> None:
+                 precisions: tuple[str, ...], hqq: bool = True) -> None:
         for precision in precisions:
             if precision not in HIGH_PRECISIONS and precision not in LOW_PRECISIONS:
                 raise InputError(f"unknown precision '{precision}' (known: {', '.join([*HIGH_PRECISIONS, *LOW_PRECISIONS])})")
@@ -163,6 +164,7 @@ class StoreWriter:
         self.n_layers, self.n_experts = n_layers, n_experts
         self.shapes = {k: list(v) for k, v in shapes.items()}
         self.precisions = tuple(precisions)
+        self.hqq = hqq  # False: min-max low-bit codes, ~5x faster to pack, a little less accurate
         self.layout = int4_layout(self.shapes)
         self.names = [record_name(layer, e, p) for layer in range(n_layers) for e in range(n_experts) for p in precisions]
         header, offset = {}, 0
@@ -188,7 +190,7 @@ class StoreWriter:
             name = record_name(layer, expert, precision)
             if self.names[self._next] != name:
                 raise ValueError(f"record {name} written out of order (expected {self.names[self._next]})")
-            blob = encode_expert(gate_up, down, precision, self.layout)
+            blob = encode_expert(gate_up, down, precision, self.layout, self.hqq)
             self.file.write(blob)
             self.crcs[name] = zlib.crc32(blob)
             self._next += 1
@@ -217,6 +219,7 @@ class StoreWriter:
             "int4_layout": self.layout,
             "torch": torch.__version__,
             "crc32": self.crcs,
+            "low_bit_quantizer": "hqq" if self.hqq else "minmax",
             "resident_crc32": file_crc32(resident_path),
         }
         write_json(self.out / "store.json", manifest)
