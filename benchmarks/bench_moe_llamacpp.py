@@ -1,7 +1,7 @@
 """edgeopt vs llama.cpp on the same MoE model (moe-lm), one run, side by side.
 
-    python -m venv /work/llamavenv && /work/llamavenv/bin/pip install llama-cpp-python   # 10-25 CPU-min build
-    nice python benchmarks/bench_moe_llamacpp.py --llama-python /work/llamavenv/bin/python
+    python -m venv /work/llamapy && /work/llamapy/bin/pip install llama-cpp-python   # 10-25 CPU-min build
+    nice python benchmarks/bench_moe_llamacpp.py --llama-python /work/llamapy/bin/python
 
 llama-cpp-python is a benchmark-only extra (never in `make setup` or the tests); it runs in its
 own interpreter (`--llama-python`), driven through a child process. Steps:
@@ -121,7 +121,7 @@ def edgeopt_run(store: Path, policy: str, seqs: list[list[int]], prompt_len: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llama-python", default="/work/llamavenv/bin/python")
+    p.add_argument("--llama-python", default="/work/llamapy/bin/python")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)

@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--model", default="qwen3-moe-2g")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgeopt" / "moe-scale")
     p.add_argument("--budgets", default="0.1,0.25,0.5")
-    p.add_argument("--policies", default="lru-fp16,all-low,static-hot,hobbit,hobbit-strict")
+    p.add_argument("--policies", default="lru-fp16,all-low,hobbit,hobbit-strict")
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prepare-only", action="store_true")
