@@ -148,6 +148,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prepare-only", action="store_true")
+    p.add_argument("--llama-python", default=None,
+                   help="an interpreter with llama-cpp-python: also run llama.cpp on the same model (resident and "
+                        "under a cgroup memory limit at the 25%% budget)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     store, report = prepare(args.model, args.cache_dir.expanduser())
@@ -165,6 +168,7 @@ def main() -> None:
     bandwidth, how = cold_bandwidth(store)
     print(f"cold read bandwidth {bandwidth:.0f} MB/s (fp16 records in random order; page cache dropped by {how})")
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    hobbit25 = None
     resident = run_policy(store, "resident", 1.0, args.prompt_len, args.decode_tokens)
     print(f"resident (all fp16 experts in memory): {resident['tok_s']:.2f} tok/s, peak RSS {resident['peak_rss'] / 2**20:.0f} MiB")
     for fraction in (float(x) for x in args.budgets.split(",")):
@@ -184,12 +188,59 @@ def main() -> None:
                   f"{r['ttft_ms']:8.0f} {r['hit']:5.2f} {r['bytes_per_token'] / 1e6:7.1f} {bound:11.2f} "
                   f"{r['tok_s'] / bound:7.0%} {'/'.join(f'{x:.2f}' for x in r['split']):>14} "
                   f"{r['peak_rss'] / 2**20:12.0f} {r['peak_rss'] / limit:21.2f}")
+        if fraction == 0.25 and "hobbit" in rows:
+            hobbit25 = rows["hobbit"]
         if "hobbit" in rows and lru:
             h = rows["hobbit"]
             bound = bandwidth * 1e6 / h["bytes_per_token"] if h["bytes_per_token"] else float("inf")
             print(f"hobbit: {h['tok_s'] / lru['tok_s']:.2f}x lru-fp16 (goal >= 3x at 25%), {h['tok_s'] / bound:.0%} of its "
                   f"bandwidth bound (goal >= 70%), peak RSS {h['peak_rss'] / (h['budget'] + h['resident'] + base_rss):.2f}x "
                   f"budget + resident + idle interpreter (goal <= 1.10)")
+    if args.llama_python:
+        llama_side_by_side(args, store, resident, hobbit25)
+
+
+
+
+def llama_side_by_side(args, store: Path, resident: dict, hobbit25: dict | None) -> None:
+    """llama.cpp on the same weights (F16 GGUF): fully resident, then in a cgroup whose memory limit
+    is its own anonymous memory + the non-expert weights + 25% of the expert bytes."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_moe_llamacpp import make_cgroup, run_llama
+    from gguf import GGUFReader
+
+    from edgeopt.moe.gguf_export import export_gguf_qwen3_moe
+
+    gguf_path = args.cache_dir.expanduser() / args.model / "model-f16.gguf"
+    if not gguf_path.is_file():
+        export_gguf_qwen3_moe(args.cache_dir.expanduser() / args.model / "checkpoint", gguf_path)
+    reader = GGUFReader(str(gguf_path))
+    expert_bytes = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name)
+    other_bytes = sum(int(t.n_bytes) for t in reader.tensors if "_exps" not in t.name)
+    del reader
+    seq = random.Random(0).choices(range(256), k=args.prompt_len + args.decode_tokens + 1)
+    cfg = {"gguf": str(gguf_path), "n_ctx": len(seq) + 8, "seqs": [seq], "prompt_len": args.prompt_len, "logits": False}
+    drop_page_cache([gguf_path])
+    full = run_llama(args.llama_python, cfg)
+    tok_full = full["tokens"] / sum(full["decode_s"])
+    print(f"\nllama.cpp F16 GGUF ({gguf_path.stat().st_size / 2**30:.2f} GiB, mmapped), 1 thread: resident {tok_full:.2f} tok/s "
+          f"vs edgeopt resident {resident['tok_s']:.2f} tok/s (edgeopt/llama.cpp {resident['tok_s'] / tok_full:.2f}x)")
+    # Everything llama.cpp kept in memory fully resident (anonymous + file pages: library code and the
+    # mapped GGUF), less the 75% of the expert bytes that do not fit the budget.
+    limit = full["rss_anon"] + full["rss_file"] - expert_bytes + int(0.25 * expert_bytes)
+    procs, how = make_cgroup(limit)
+    drop_page_cache([gguf_path])
+    try:
+        lim = run_llama(args.llama_python, cfg | {"cgroup_procs": str(procs)})
+    finally:
+        procs.parent.rmdir()
+    tok_lim = lim["tokens"] / sum(lim["decode_s"])
+    line = (f"llama.cpp under {how} = {limit / 2**20:.0f} MiB (its resident-run RSS "
+            f"{(full['rss_anon'] + full['rss_file']) / 2**20:.0f} MiB, non-expert weights {other_bytes / 2**20:.0f} MiB, less 75% of "
+            f"{expert_bytes / 2**30:.2f} GiB experts): {tok_lim:.2f} tok/s")
+    if hobbit25:
+        line += f"; edgeopt hobbit at 25%: {hobbit25['tok_s']:.2f} tok/s -> {hobbit25['tok_s'] / tok_lim:.2f}x (goal >= 2x)"
+    print(line)
 
 
 if __name__ == "__main__":
