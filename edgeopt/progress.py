@@ -32,8 +32,8 @@ class Tracker(Protocol):
     def advance(self, n: float = 1, info: str = "") -> None:
         """`n` more units done; `info` is a short status (e.g. the loss) shown beside the bar."""
 
-    def update(self, completed: float, info: str = "") -> None:
-        """Set the units done."""
+    def update(self, completed: float, info: str = "", total: float | None = None) -> None:
+        """Set the units done; `total` when the amount of work is learnt only once it started."""
 
 
 @contextmanager
@@ -78,8 +78,9 @@ class PlainTracker:
     def advance(self, n: float = 1, info: str = "") -> None:
         self.update(self.completed + n, info)
 
-    def update(self, completed: float, info: str = "") -> None:
+    def update(self, completed: float, info: str = "", total: float | None = None) -> None:
         self.completed = completed
+        self.total = total or self.total
         self.info = info or self.info
         self.tick()
 
@@ -125,15 +126,16 @@ class _RichTracker:
     def advance(self, n: float = 1, info: str = "") -> None:
         self.bar.update(self.task, advance=n, **({"info": info} if info else {}))
 
-    def update(self, completed: float, info: str = "") -> None:
-        self.bar.update(self.task, completed=completed, **({"info": info} if info else {}))
+    def update(self, completed: float, info: str = "", total: float | None = None) -> None:
+        extra = {**({"info": info} if info else {}), **({"total": total} if total else {})}
+        self.bar.update(self.task, completed=completed, **extra)
 
 
 class _Silent:
     def advance(self, n: float = 1, info: str = "") -> None:
         pass
 
-    def update(self, completed: float, info: str = "") -> None:
+    def update(self, completed: float, info: str = "", total: float | None = None) -> None:
         pass
 
 

@@ -48,7 +48,7 @@ def test_bench_reports_every_policy(checkpoint, tmp_path):
     store = pack(checkpoint, tmp_path / "store")
     results, info = run_bench(store, None, 0.25, n_prompts=1, prompt_len=8, decode_tokens=6, calib_sequences=1)
     by = {r.policy: r for r in results}
-    assert set(by) == {"resident", "lru-fp16", "all-low", "static-hot", "hobbit", "hobbit-noprefetch", "hobbit-highpool"}
+    assert set(by) == {"resident", "lru-fp16", "all-low", "static-hot", "hobbit", "hobbit-noprefetch", "hobbit-highpool", "hobbit-strict"}
     assert by["resident"].hit_rate == 1.0 and by["resident"].bytes_per_token == 0
     assert by["lru-fp16"].bytes_per_token > 0 and by["lru-fp16"].perplexity == pytest.approx(by["resident"].perplexity, rel=1e-4)
     assert by["all-low"].high_low_skip[0] == 0

@@ -24,6 +24,16 @@ def tiny_config(kind: str):
             intermediate_size=64, moe_intermediate_size=64, shared_expert_intermediate_size=48, num_experts=4,
             num_experts_per_tok=2, norm_topk_prob=False, **COMMON,
         )
+    if kind.startswith("qwen3_moe"):  # norm_topk_prob is the model's own router's business: both settings
+        return transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                           norm_topk_prob=kind.endswith("norm"), **COMMON)
+    if kind.startswith("deepseek"):  # shared + routed experts, dense first layer, MLA attention
+        deepseek = dict(intermediate_size=64, moe_intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **(COMMON | {"num_key_value_heads": 4}))
+        if kind == "deepseek_v3":  # sigmoid scores + correction bias, grouped top-k, routed scaling factor
+            return transformers.DeepseekV3Config(n_group=2, topk_group=1, routed_scaling_factor=2.5, **deepseek)
+        return transformers.DeepseekV2Config(**deepseek)
     return transformers.OlmoeConfig(intermediate_size=64, num_experts=4, num_experts_per_tok=2, **COMMON)
 
 
@@ -36,10 +46,10 @@ def tiny_model(kind: str):
     return model
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "qwen3_moe-norm", "deepseek_v2", "deepseek_v3"])
 def test_fused_layout_from_local_directory(kind, tmp_path):
     model = tiny_model(kind)
-    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3  # transformers 5: fused experts
+    assert model.model.layers[-1].mlp.experts.gate_up_proj.dim() == 3  # transformers 5: fused experts
     model.save_pretrained(tmp_path / "hf")
     store = pack(tmp_path / "hf", tmp_path / "store", ("fp16", "int4"))
     ids = torch.randint(2, 97, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -162,3 +162,20 @@ def test_tuning_chooses_the_pool_split_within_its_constraint():
     store = SimpleNamespace(record_nbytes=lambda precision: high if precision == "fp16" else low)
     tuned = tune_hobbit(trace, store, budget, ["hobbit", "hobbit-highpool"])
     assert budget * tuned["hobbit-highpool"]["high_fraction"] >= high  # keeps at least one fp16 expert
+
+
+@pytest.mark.parametrize("policy,expected_precision", [("hobbit", "int4"), ("hobbit-strict", "fp16")])
+def test_low_copy_serves_a_top_ranked_expert_only_under_the_old_rule(model_and_store, policy, expected_precision):
+    """Expert 1 is cached in int4 (it ranked second); when it ranks first, today's rule serves the int4
+    copy, HOBBIT's rule (`hobbit-strict`) counts a miss and reads it in fp16."""
+    _, store = model_and_store
+    lm = OffloadedLM(store, policy, budget_fraction=0.5, prefetch_layers=0, high_fraction=0.5)
+    engine = lm.engine
+    x = torch.randn(1, CFG.d_model)
+    engine.run_experts(0, x, torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]]))  # 3 in fp16, 1 in int4
+    assert engine.cache.contains((0, 1), "int4") and not engine.cache.contains((0, 1), "fp16")
+    misses = engine.stats.misses
+    engine.run_experts(0, x, torch.tensor([[1, 3]]), torch.tensor([[0.7, 0.3]]))  # now 1 ranks first
+    lm.close()
+    assert engine.stats.misses - misses == (1 if expected_precision == "fp16" else 0)
+    assert engine.cache.get((0, 1), allow_low=True).precision == expected_precision

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,13 +94,17 @@ def tune_hobbit(trace: Trace, store: ExpertStore, budget: int, names: list[str])
         return {}
     hobbit = get_policy("hobbit")
     high_bytes, low_bytes = store.record_nbytes(hobbit.high_precision), store.record_nbytes(hobbit.low_precision)
-    per_fraction = {f: tune_weights(hobbit, trace, high_bytes, low_bytes, budget, high_fractions=(f,))
-                    for f in HIGH_FRACTIONS}
+    per_rule: dict[bool, dict] = {}  # the hit rule changes what a miss is, so each rule is tuned on its own replay
     out = {}
     for name in names:
+        rule = POLICIES[name].low_serves_high
+        if rule not in per_rule:
+            base = replace(hobbit, low_serves_high=rule)
+            per_rule[rule] = {f: tune_weights(base, trace, high_bytes, low_bytes, budget, high_fractions=(f,))
+                              for f in HIGH_FRACTIONS}
         need = POLICIES[name].min_high_experts * high_bytes
         allowed = [f for f in HIGH_FRACTIONS if int(budget * f) >= need] or [max(HIGH_FRACTIONS)]
-        best, _ = min((per_fraction[f] for f in allowed), key=lambda tuned: tuned[1])
+        best, _ = min((per_rule[rule][f] for f in allowed), key=lambda tuned: tuned[1])
         out[name] = {"weights": best.weights, "high_fraction": best.high_fraction}
     return out
 

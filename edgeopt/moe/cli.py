@@ -1,4 +1,4 @@
-"""`edgeopt moe {pack,run,bench}`: pack experts to disk, run with offloading, compare policies."""
+"""`edgeopt moe {pack,run,bench,export-gguf}`: pack experts to disk, run with offloading, compare policies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 import torch
 from rich.console import Console
-from rich.progress import Progress
 
 from edgeopt.errors import InputError
 from edgeopt.moe.policy import POLICIES
@@ -28,14 +27,18 @@ def moe() -> None:
 @click.argument("out", type=click.Path(path_type=Path), default=DEFAULT_STORE)
 @click.option("--precisions", default="fp16,int4,int2", show_default=True,
               help="Comma-separated record precisions: fp16/fp32 (high), int4/int2 (HQQ-style groupwise).")
-def pack_cmd(model: Path, out: Path, precisions: str) -> None:
-    """Pack MODEL's experts into an expert store at OUT.
+@click.option("--hqq/--minmax", default=True, show_default=True,
+              help="Low-bit codes with HQQ's zero-point search, or plain min-max (~5x faster packing, a bit less accurate).")
+def pack_cmd(model: Path, out: Path, precisions: str, hqq: bool) -> None:
+    """Pack MODEL's experts into an expert store at OUT, streaming.
 
     MODEL is a moe-lm .safetensors checkpoint (default: the committed one) or a local
-    Hugging Face Mixtral / Qwen2-MoE / OLMoE directory.
+    Hugging Face directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3; one
+    model.safetensors or shards with model.safetensors.index.json). The model is never built
+    in memory: experts are read one at a time, so peak memory is the resident weights plus a
+    few experts.
     """
-    from edgeopt.moe.models import load_source
-    from edgeopt.moe.offload import pack
+    from edgeopt.moe.packer import pack_checkpoint
 
     precs = tuple(p.strip() for p in precisions.split(",") if p.strip())
     if not any(p in ("fp16", "fp32") for p in precs):
@@ -43,18 +46,33 @@ def pack_cmd(model: Path, out: Path, precisions: str) -> None:
     if not Path(model).exists():
         raise InputError(f"model not found: {model}")
     from edgeopt.fileio import writable_dir
+    from edgeopt.progress import progress
 
     writable_dir(out)  # before quantizing every expert, not after
-    with Progress(console=console, transient=True) as progress:
-        probe, _ = load_source(model)
-        from edgeopt.moe.blocks import find_moe_blocks
-
-        n = sum(len(b.gate.weight) for _, b in find_moe_blocks(probe))
-        del probe
-        task = progress.add_task("quantizing experts", total=n)
-        pack(model, out, precs, progress=lambda: progress.advance(task))
+    with progress("packing experts (MiB)") as tracker:
+        report = pack_checkpoint(model, out, precs, hqq=hqq,
+                                 progress=lambda done, total: tracker.update(round(done / 2**20), total=round(total / 2**20)))
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2**20
-    console.print(f"packed {n} experts x {len(precs)} precisions into {out} ({size:.1f} MiB)")
+    console.print(
+        f"packed {report.n_layers * report.n_experts} experts x {len(precs)} precisions into {out} ({size:.1f} MiB); "
+        f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB for a {report.checkpoint_bytes / 2**20:.0f} MiB checkpoint "
+        f"(resident weights {report.resident_bytes / 2**20:.0f} MiB)"
+    )
+
+
+@moe.command("export-gguf")
+@click.argument("model", type=click.Path(path_type=Path), default=DEFAULT_CHECKPOINT)
+@click.argument("out", type=click.Path(path_type=Path), default=Path("runs/moe-lm.gguf"))
+@click.option("--dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True)
+def export_gguf_cmd(model: Path, out: Path, dtype: str) -> None:
+    """Write MODEL as GGUF to run it in llama.cpp side by side: a moe-lm checkpoint (llama.cpp's
+    Mixtral layout) or a local Qwen3-MoE directory (F16, streamed tensor by tensor)."""
+    from edgeopt.moe.gguf_export import export_gguf, export_gguf_qwen3_moe
+
+    if not Path(model).exists():
+        raise InputError(f"model not found: {model}")
+    path = export_gguf_qwen3_moe(model, out) if Path(model).is_dir() else export_gguf(model, out, dtype)
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {dtype})")
 
 
 def _policy_choice() -> click.Choice:
@@ -179,13 +197,13 @@ def load_tokenizer(store: Path, model_info: dict, given: Path | None):  # noqa: 
 def bench_cmd(store, policies, budget_fraction, n_prompts, prompt_len, decode_tokens, repeats, warm, plot_path) -> None:
     """Decode speed, TTFT, hit rate, bytes/token, stalls and perplexity for every policy, in one run."""
     from edgeopt.moe.bench import format_table, plot, run_bench
+    from edgeopt.progress import progress
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"benchmarking {len(names)} policies, prompt by prompt", total=n_prompts * repeats)
+    with progress(f"benchmarking {len(names)} policies, prompt by prompt", total=n_prompts * repeats) as tracker:
         results, info = run_bench(
             store, names, budget_fraction, n_prompts, prompt_len, decode_tokens, cold=not warm,
-            progress=lambda i: progress.advance(task), repeats=repeats,
+            progress=lambda i: tracker.advance(), repeats=repeats,
         )
     click.echo(format_table(results, info))
     click.echo(f"plot: {plot(results, plot_path)}")

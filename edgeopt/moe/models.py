@@ -20,16 +20,10 @@ from edgeopt.errors import InputError
 from edgeopt.models.moe import MoEConfig, MoELM
 from edgeopt.moe import blocks
 
-HF_MOE_TYPES = ("mixtral", "qwen2_moe", "olmoe")
-
 
 def load_source(path: Path) -> tuple[nn.Module, dict]:
-    """(model, model_info) for a checkpoint file or a local HF model directory."""
+    """(model, model_info) for a moe-lm checkpoint file, in memory (packing streams instead: `packer`)."""
     path = Path(path)
-    if path.is_dir():
-        from edgeopt.moe.hf import load_hf_model
-
-        return load_hf_model(path)
     if path.suffix != ".safetensors" or not path.is_file():
         raise InputError(f"model must be a moe-lm .safetensors checkpoint or a local HF model directory: {path}")
     try:

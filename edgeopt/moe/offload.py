@@ -9,22 +9,25 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
 
 from edgeopt.errors import InputError
 from edgeopt.moe import blocks
-from edgeopt.moe.models import build_skeleton, load_source, materialize, resident_state
+from edgeopt.moe.models import build_skeleton, materialize, resident_state
 from edgeopt.moe.policy import get_policy
 from edgeopt.moe.runtime import Engine, OffloadedExperts
 from edgeopt.moe.store import ExpertStore, write_store
 
 
 def pack(model_path: Path, out: Path, precisions: tuple[str, ...] = ("fp16", "int4", "int2"), progress=None) -> Path:
-    """Write every expert of the model in each precision, and its resident (non-expert) weights."""
-    model, info = load_source(Path(model_path))
-    return pack_model(model, info, out, precisions, progress)
+    """Write every expert of the checkpoint in each precision, and its resident (non-expert) weights,
+    streaming (see `packer`); `progress(bytes_done, bytes_total)`."""
+    from edgeopt.moe.packer import pack_checkpoint
+
+    return pack_checkpoint(Path(model_path), Path(out), tuple(precisions), progress).out
 
 
 def pack_model(model, info: dict, out: Path, precisions=("fp16", "int4", "int2"), progress=None) -> Path:
@@ -89,6 +92,10 @@ class OffloadedLM:
         self.engine = Engine(self.store, self.policy, budget_bytes, gate_weights, hot_counts)
         for h in holders:
             h.engine = self.engine
+        config = info["config"]
+        self.vocab_size = int(config.get("vocab_size") or self.model.get_input_embeddings().num_embeddings)
+        # transformers renamed `past_key_values` to `cache` (5.24 warns on the old name, 5.40 drops it).
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def new_sequence(self) -> None:
         self.engine.reset_sequence()
@@ -96,12 +103,19 @@ class OffloadedLM:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, state=None):
         """Logits (B, T, V) for `ids` (B, T) continuing `state` (None = new sequence)."""
+        self.check_ids(ids)
         if state is None:
             self.new_sequence()
         if self.kind == "hf":
-            out = self.model(input_ids=ids, past_key_values=state, use_cache=True)
-            return out.logits, out.past_key_values
+            out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: state})
+            return out.logits, getattr(out, self._cache_arg, None)
         return self.model(ids, state)
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        """Token ids must index the embedding table (else: a deep IndexError from inside the model)."""
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise InputError(f"token id {bad} is outside the model's vocabulary (0..{self.vocab_size - 1})")
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:

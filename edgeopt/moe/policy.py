@@ -37,6 +37,14 @@ class PolicyConfig:
     high_precision: str = "fp16"
     # Calibration constraint: the budget split may not leave the high pool fewer experts than this.
     min_high_experts: int = 0
+    # Whether a cached low-precision copy serves an expert that needs high precision (this engine's
+    # original rule: any cached copy is a hit). HOBBIT's own rule is False: a top-ranked expert found
+    # only in low precision is a miss for the high pool and is read in high precision.
+    low_serves_high: bool = True
+
+    def serves(self, need: int) -> bool:
+        """May a low-precision copy serve an expert the thresholds ranked `need`?"""
+        return need != HIGH or self.low_serves_high
 
     def decide(self, s: float) -> int:
         """HIGH / LOW / SKIP for an expert whose higher-ranked experts carry weight `s`."""
@@ -62,6 +70,11 @@ POLICIES: dict[str, PolicyConfig] = {
         PolicyConfig(
             "hobbit-noprefetch", t1=0.6, t2=0.9, prefetch_layers=0, high_fraction=0.25,
             replacement="hobbit", weights=(1.0, 0.5, 0.5, 0.5),
+        ),
+        # HOBBIT's own hit rule: a low-precision copy does not serve an expert that needs high precision.
+        PolicyConfig(
+            "hobbit-strict", t1=0.6, t2=0.9, prefetch_layers=1, high_fraction=0.25,
+            replacement="hobbit", weights=(1.0, 0.5, 0.5, 0.5), low_serves_high=False,
         ),
         # HOBBIT whose budget split must keep at least one high-precision expert cached (calibration
         # may otherwise give the whole budget to the low pool and serve high-precision misses uncached).
@@ -151,7 +164,7 @@ def miss_penalty(policy: PolicyConfig, trace: Trace, high_bytes: int, low_bytes:
                     need = policy.decide(s)
                     s += weight
                     key = (layer, expert)
-                    entry = cache.get(key, allow_low=True)
+                    entry = cache.get(key, allow_low=policy.serves(need))
                     if entry is None:
                         if need == SKIP:
                             continue

@@ -6,8 +6,10 @@ everything else) stays the model's own code. Per call the engine:
 
 1. ranks each token's top-k experts, computes s(e) and the needed precision;
 2. serves hits from the cache, sends misses to the loader thread (demand first).
-   An expert cached (or already being read) at either precision is a hit: the
-   thresholds choose what to *load* on a miss, as in HOBBIT's token-level loading;
+   With `low_serves_high` (the original rule) an expert cached (or already being read)
+   at either precision is a hit and the thresholds only choose what to *load* on a miss;
+   without it (HOBBIT's rule, policy `hobbit-strict`) an expert that needs high precision
+   and is cached only in low precision is a miss, read in high precision;
 3. predicts the next layers' experts from the current gate input (one stacked
    matmul), pins them and prefetches them in mixed precision;
 4. computes the experts that are ready while the others are still being read;
@@ -177,9 +179,9 @@ class Engine:
                 fut.result()  # re-raise the loader's error (e.g. a corrupted record) here
         self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, held)
 
-    def _pending(self, layer: int, expert: int) -> Future | None:
-        """A read already queued or running for this expert, at either precision (moved to the front)."""
-        for precision in (self.high, self.low):
+    def _pending(self, layer: int, expert: int, need: int) -> Future | None:
+        """A read already queued or running for this expert at a precision that serves `need` (moved to the front)."""
+        for precision in (self.high, self.low) if self.policy.serves(need) else (self.high,):
             fut = self.inflight.get((layer, expert, precision))
             if fut is not None:
                 self.loader.promote(fut, layer, expert, precision)
@@ -195,8 +197,9 @@ class Engine:
                 del self.inflight[key]
                 self.prefetched.discard(key)
 
-    def _queued(self, layer: int, expert: int) -> bool:
-        return (layer, expert, self.high) in self.inflight or (layer, expert, self.low) in self.inflight
+    def _queued(self, layer: int, expert: int, need: int) -> bool:
+        return (layer, expert, self.high) in self.inflight or (
+            self.policy.serves(need) and (layer, expert, self.low) in self.inflight)
 
     # -- prefetch -------------------------------------------------------------------------------
     def _prefetch(self, layer: int, x: torch.Tensor) -> None:
@@ -223,7 +226,8 @@ class Engine:
                 key = (target, e)
                 self.cache.pinned.add(key)
                 precision = self.prefetch_precision.get(need)
-                if precision and self.cache.get(key, allow_low=True) is None and not self._queued(target, e):
+                if (precision and self.cache.get(key, allow_low=self.policy.serves(need)) is None
+                        and not self._queued(target, e, need)):
                     self._submit(target, e, precision, prefetch=True)
                     missing = True
             self.predictions[target] = chosen
@@ -258,12 +262,12 @@ class Engine:
         ready: dict[int, LoadedExpert] = {}
         waiting: dict[int, Future] = {}
         for e, n in need.items():
-            entry = self.cache.get((layer, e), allow_low=True)
+            entry = self.cache.get((layer, e), allow_low=self.policy.serves(n))
             if entry is not None:
                 ready[e] = entry
                 self.stats.hits += 1
                 continue
-            fut = self._pending(layer, e)
+            fut = self._pending(layer, e, n)
             if n == SKIP and fut is None:
                 self.stats.skipped += 1
                 continue

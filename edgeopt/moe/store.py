@@ -7,8 +7,9 @@ A store is a directory:
   (fp16 matrices, or packed codes + fp16 scales + fp16 zeros). The loader reads one
   record with a single `pread` at the offset the safetensors header gives.
 - `resident.safetensors`: every non-expert parameter and buffer (they stay in memory).
-- `store.json`: model description, component layouts and a crc32 per record, so a
-  truncated or corrupted file is reported as an InputError instead of garbage logits.
+- `store.json`: model description, component layouts, a crc32 per record and one for the
+  resident file, so a truncated or corrupted file is reported as an InputError instead of
+  garbage logits.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from edgeopt.errors import InputError
 from edgeopt.fileio import write_json, write_with
@@ -91,13 +92,14 @@ def _components(precision: str, shapes: dict[str, list[int]], layout: str) -> li
 _NP = {"fp16": np.float16, "fp32": np.float32, "uint8": np.uint8, "bf16": np.int16}  # bf16 travels as raw int16
 
 
-def encode_expert(gate_up: torch.Tensor, down: torch.Tensor, precision: str, layout: str = PORTABLE_LAYOUT) -> bytes:
+def encode_expert(gate_up: torch.Tensor, down: torch.Tensor, precision: str, layout: str = PORTABLE_LAYOUT,
+                  hqq: bool = True) -> bytes:
     if precision in HIGH_PRECISIONS:
         parts = [t.detach().to(HIGH_PRECISIONS[precision]).contiguous() for t in (gate_up, down)]
     elif precision in LOW_PRECISIONS:
         parts = []
         for t in (gate_up, down):
-            q = quantize(t, LOW_PRECISIONS[precision])
+            q = quantize(t, LOW_PRECISIONS[precision], optimize=hqq)
             if precision == "int4" and layout == KERNEL_LAYOUT:
                 k = Int4Kernel.from_quantized(q)
                 parts += [k.packed, k.scales_zeros.view(torch.int16)]
@@ -137,6 +139,101 @@ def record_name(layer: int, expert: int, precision: str) -> str:
     return f"l{layer}.e{expert}.{precision}"
 
 
+def record_nbytes(precision: str, shapes: dict[str, list[int]], layout: str) -> int:
+    """A record's size, known before any expert is encoded (the streaming writer needs the header first)."""
+    sizes = {"fp16": 2, "fp32": 4, "uint8": 1, "bf16": 2}
+    return sum(sizes[dtype] * int(np.prod(shape)) for _, dtype, shape in _components(precision, shapes, layout))
+
+
+class StoreWriter:
+    """Writes a store expert by expert: the experts file's header is computed from the shapes up front,
+    each expert's records are appended as they are encoded, so only one expert is in memory at a time.
+
+    `experts.safetensors` is assembled by hand (header, then records in header order) because
+    `safetensors.save_file` takes every tensor at once; the result is a valid safetensors file.
+    Files go to temporary names and are renamed into place by `finish`, so an interrupted pack leaves
+    no half-written store.
+    """
+
+    def __init__(self, out: Path, n_layers: int, n_experts: int, shapes: dict[str, list[int]],
+                 precisions: tuple[str, ...], hqq: bool = True) -> None:
+        for precision in precisions:
+            if precision not in HIGH_PRECISIONS and precision not in LOW_PRECISIONS:
+                raise InputError(f"unknown precision '{precision}' (known: {', '.join([*HIGH_PRECISIONS, *LOW_PRECISIONS])})")
+        self.out = Path(out)
+        self.n_layers, self.n_experts = n_layers, n_experts
+        self.shapes = {k: list(v) for k, v in shapes.items()}
+        self.precisions = tuple(precisions)
+        self.hqq = hqq  # False: min-max low-bit codes, ~5x faster to pack, a little less accurate
+        self.layout = int4_layout(self.shapes)
+        self.names = [record_name(layer, e, p) for layer in range(n_layers) for e in range(n_experts) for p in precisions]
+        header, offset = {}, 0
+        for name in self.names:
+            n = record_nbytes(name.rsplit(".", 1)[1], self.shapes, self.layout)
+            header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out / ".experts.safetensors.tmp"
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed by finish/abort)
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.crcs: dict[str, int] = {}
+        self._next = 0
+
+    def add(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Encode and append one expert (records must come in (layer, expert) order)."""
+        if [list(gate_up.shape), list(down.shape)] != [self.shapes["gate_up"], self.shapes["down"]]:
+            raise InputError(f"expert sizes differ by layer: layer {layer} expert {expert} has gate_up "
+                             f"{list(gate_up.shape)}, down {list(down.shape)}; the store needs {self.shapes} for every expert")
+        for precision in self.precisions:
+            name = record_name(layer, expert, precision)
+            if self.names[self._next] != name:
+                raise ValueError(f"record {name} written out of order (expected {self.names[self._next]})")
+            blob = encode_expert(gate_up, down, precision, self.layout, self.hqq)
+            self.file.write(blob)
+            self.crcs[name] = zlib.crc32(blob)
+            self._next += 1
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def finish(self, resident: dict[str, torch.Tensor], model_info: dict) -> Path:
+        if self._next != len(self.names):
+            self.abort()
+            raise ValueError(f"store incomplete: {self._next} of {len(self.names)} records written")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        resident_path = self.out / "resident.safetensors"
+        write_with(resident_path, lambda tmp: save_file({k: v.contiguous() for k, v in resident.items()}, str(tmp)))
+        os.replace(self.tmp, self.out / "experts.safetensors")
+        manifest = {
+            "format": FORMAT,
+            "model": model_info,
+            "n_layers": self.n_layers,
+            "n_experts": self.n_experts,
+            "shapes": self.shapes,
+            "precisions": list(self.precisions),
+            "int4_layout": self.layout,
+            "torch": torch.__version__,
+            "crc32": self.crcs,
+            "low_bit_quantizer": "hqq" if self.hqq else "minmax",
+            "resident_crc32": file_crc32(resident_path),
+        }
+        write_json(self.out / "store.json", manifest)
+        return self.out
+
+
+def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 def write_store(
     out: Path,
     experts: list[list[tuple[torch.Tensor, torch.Tensor]]],
@@ -145,37 +242,19 @@ def write_store(
     precisions: tuple[str, ...] = ("fp16", "int4", "int2"),
     progress=None,
 ) -> Path:
-    """Write a store; `experts[layer][expert] = (gate_up (2I, H), down (H, I))`."""
-    out = Path(out)
+    """Write a store from in-memory experts; `experts[layer][expert] = (gate_up (2I, H), down (H, I))`."""
     shapes = {"gate_up": list(experts[0][0][0].shape), "down": list(experts[0][0][1].shape)}
-    records: dict[str, torch.Tensor] = {}
-    crcs: dict[str, int] = {}
-    layout = int4_layout(shapes)
-    for layer, layer_experts in enumerate(experts):
-        for e, (gate_up, down) in enumerate(layer_experts):
-            for precision in precisions:
-                blob = encode_expert(gate_up, down, precision, layout)
-                name = record_name(layer, e, precision)
-                records[name] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-                crcs[name] = zlib.crc32(blob)
-            if progress:
-                progress()
-    out.mkdir(parents=True, exist_ok=True)
-    write_with(out / "experts.safetensors", lambda tmp: save_file(records, str(tmp)))
-    write_with(out / "resident.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in resident.items()}, str(tmp)))
-    manifest = {
-        "format": FORMAT,
-        "model": model_info,
-        "n_layers": len(experts),
-        "n_experts": len(experts[0]),
-        "shapes": shapes,
-        "precisions": list(precisions),
-        "int4_layout": layout,
-        "torch": torch.__version__,
-        "crc32": crcs,
-    }
-    write_json(out / "store.json", manifest)
-    return out
+    writer = StoreWriter(Path(out), len(experts), len(experts[0]), shapes, precisions)
+    try:
+        for layer, layer_experts in enumerate(experts):
+            for e, (gate_up, down) in enumerate(layer_experts):
+                writer.add(layer, e, gate_up, down)
+                if progress:
+                    progress()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish(resident, model_info)
 
 
 class ExpertStore:
@@ -280,8 +359,20 @@ class ExpertStore:
         return decode_expert(self.read_raw(layer, expert, precision), precision, self.shapes, self.int4_layout)
 
     def resident_state(self) -> dict[str, torch.Tensor]:
+        """The non-expert weights, checked against the manifest's crc32 (a flipped byte there would
+        otherwise run silently and change every output)."""
         path = self.path / "resident.safetensors"
+        expected = self.manifest.get("resident_crc32")
+        if expected is None:
+            raise InputError(f"{self.path}: store has no checksum for its resident weights (packed by an older "
+                             f"edgeopt); repack it")
         try:
-            return load_file(str(path))
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read resident weights {path}: {exc}") from exc
+        if zlib.crc32(data) != expected:
+            raise InputError(f"corrupted resident weights {path} (checksum mismatch)")
+        try:
+            return load(data)
         except Exception as exc:
             raise InputError(f"cannot read resident weights {path}: {exc}") from exc

@@ -1,0 +1,247 @@
+"""MoE offloading at real size: a ≥ 2 GB random-weight MoE from a real architecture's config.
+
+    nice python benchmarks/bench_moe_scale.py [--model qwen3-moe-2g] [--budgets 0.1,0.25,0.5]
+        [--cache-dir ~/.cache/edgeopt/moe-scale] [--decode-tokens 16] [--policies ...]
+
+1. Writes the checkpoint once into the cache dir (never the repo): `edgeopt.moe.synth` makes
+   random bf16 weights with the shapes of the architecture (`SCALE_CONFIGS`), in 512 MiB shards.
+2. Packs it with the streaming packer in a child process (fp16 + int4; min-max int4 codes,
+   `--minmax`, since HQQ's search costs ~1 CPU-s per expert and the weights are random anyway),
+   printing the packer's peak RSS against the checkpoint's size (goal ≤ 25%).
+3. Measures the cold read bandwidth of the store (page cache dropped, fp16 records read in a
+   random order, as misses are).
+4. Per budget and policy, in a fresh child process with the page cache dropped first: time to
+   first token (prefill of an 8-token prompt), decode tokens/s (greedy), bytes read per token,
+   the bandwidth-bound tokens/s they imply (bandwidth / bytes per token) and the share reached,
+   the high/low/skip split of expert uses, and peak RSS against budget + resident weights.
+
+Weights are random, so perplexity means nothing here (quality is measured on the trained moe-lm
+by bench_moe_offload.py); random routing is also harder to cache and predict than a trained
+model's. HOBBIT's cache weights are the defaults (no calibration: random routing has nothing to
+learn). Policies run one after another, not interleaved, on a shared host: compare ratios.
+The page cache is dropped with /proc/sys/vm/drop_caches (root), else with posix_fadvise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4000000000", "MALLOC_TOP_PAD_": "268435456"}
+
+
+def drop_page_cache(files: list[Path]) -> str:
+    """Drop the whole page cache if allowed (root), else the given files' pages; returns which."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        return "fadvise"
+
+
+def child_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **MALLOC)
+    return env
+
+
+def prepare(model: str, cache: Path) -> tuple[Path, dict]:
+    """The checkpoint and its store in `cache` (made once); returns (store, pack report)."""
+    from edgeopt.moe.synth import SCALE_CONFIGS, write_random_checkpoint
+
+    ckpt, store = cache / model / "checkpoint", cache / model / "store"
+    if not (ckpt / "model.safetensors.index.json").is_file():
+        print(f"writing random-weight checkpoint {model} to {ckpt} ...", flush=True)
+        t0 = time.perf_counter()
+        write_random_checkpoint(SCALE_CONFIGS[model], ckpt)
+        print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
+    report_path = cache / model / "pack-report.json"
+    if not (store / "store.json").is_file() or not report_path.is_file():
+        print(f"packing {ckpt} -> {store} (fp16 + min-max int4, streaming, child process) ...", flush=True)
+        code = ("import json,sys,time,dataclasses; from pathlib import Path; from edgeopt.moe.packer import pack_checkpoint;"
+                "t=time.perf_counter(); r=pack_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), ('fp16','int4'), hqq=False);"
+                "d=dataclasses.asdict(r); d['out']=str(r.out); d['seconds']=time.perf_counter()-t; print(json.dumps(d))")
+        out = subprocess.run([sys.executable, "-c", code, str(ckpt), str(store)], env=child_env() | {"OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, check=True)
+        report_path.write_text(out.stdout.strip().splitlines()[-1])
+    return store, json.loads(report_path.read_text())
+
+
+def cold_bandwidth(store_path: Path, samples: int = 48) -> tuple[float, str]:
+    """MB/s of reading fp16 records in random order right after dropping the page cache."""
+    from edgeopt.moe.store import ExpertStore
+
+    store = ExpertStore(store_path)
+    keys = [(layer, e) for layer in range(store.n_layers) for e in range(store.n_experts)]
+    random.Random(0).shuffle(keys)
+    how = drop_page_cache([store.data_path])
+    t0 = time.perf_counter()
+    total = sum(len(store.read_raw(layer, e, "fp16")) for layer, e in keys[:samples])
+    seconds = time.perf_counter() - t0
+    store.close()
+    return total / seconds / 1e6, how
+
+
+RUN = r"""
+import json, resource, sys, time, torch
+from edgeopt.moe.offload import OffloadedLM
+store, policy, fraction, prompt_len, decode = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(1)
+lm = OffloadedLM(store, policy, budget_fraction=fraction)
+resident = sum(t.numel() * t.element_size() for t in list(lm.model.parameters()) + list(lm.model.buffers()))
+preload_read = lm.store.bytes_read
+ids = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+t0 = time.perf_counter()
+logits, state = lm(ids)
+ttft = time.perf_counter() - t0
+read0, secs0, t0 = lm.store.bytes_read, lm.store.read_seconds, time.perf_counter()
+nxt = logits[:, -1:].argmax(-1)
+for _ in range(decode):
+    logits, state = lm(nxt, state)
+    nxt = logits[:, -1:].argmax(-1)
+dt = time.perf_counter() - t0
+s = lm.engine.stats
+uses = max(s.high_uses + s.low_uses + s.skipped, 1)
+print(json.dumps({"tok_s": decode / dt, "ttft_ms": ttft * 1e3, "bytes_per_token": (lm.store.bytes_read - read0) / decode,
+                  "hit": s.hit_rate, "split": [s.high_uses / uses, s.low_uses / uses, s.skipped / uses],
+                  "budget": lm.engine.budget, "resident": resident, "peak_cache": lm.engine.cache.peak_used,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "preload": preload_read,
+                  "stall_ms_tok": 1e3 * s.stall_s / (decode + 1)}))
+lm.close()
+"""
+
+
+def run_policy(store: Path, policy: str, fraction: float, prompt_len: int, decode: int) -> dict:
+    drop_page_cache([store / "experts.safetensors"])
+    out = subprocess.run([sys.executable, "-c", RUN, str(store), policy, str(fraction), str(prompt_len), str(decode)],
+                         env=child_env(), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{policy} @ {fraction}: {out.stderr.strip().splitlines()[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def baseline_rss() -> int:
+    """Peak RSS of a child that imports the same modules and does nothing (interpreter + torch + transformers)."""
+    code = ("import resource, torch, transformers, edgeopt.moe.offload; "
+            "from transformers import AutoModelForCausalLM; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3-moe-2g")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgeopt" / "moe-scale")
+    p.add_argument("--budgets", default="0.1,0.25,0.5")
+    p.add_argument("--policies", default="lru-fp16,all-low,hobbit,hobbit-strict")
+    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--prepare-only", action="store_true")
+    p.add_argument("--llama-python", default=None,
+                   help="an interpreter with llama-cpp-python: also run llama.cpp on the same model (resident and "
+                        "under a cgroup memory limit at the 25%% budget)")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    store, report = prepare(args.model, args.cache_dir.expanduser())
+    base_rss = baseline_rss()
+    ckpt = report["checkpoint_bytes"]
+    pack_extra = report["peak_rss_bytes"] - base_rss
+    print(f"model {args.model}: {report['n_layers']} MoE layers x {report['n_experts']} experts, "
+          f"{report['expert_bytes'] / 2**30:.2f} GiB bf16 experts, checkpoint {ckpt / 2**30:.2f} GiB, "
+          f"resident (non-expert) {report['resident_bytes'] / 2**20:.0f} MiB")
+    print(f"pack: {report['seconds']:.0f} s, peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB "
+          f"({report['peak_rss_bytes'] / ckpt:.1%} of the checkpoint; goal <= 25%); above an idle interpreter with "
+          f"torch + transformers ({base_rss / 2**20:.0f} MiB): {pack_extra / 2**20:.0f} MiB")
+    if args.prepare_only:
+        return
+    bandwidth, how = cold_bandwidth(store)
+    print(f"cold read bandwidth {bandwidth:.0f} MB/s (fp16 records in random order; page cache dropped by {how})")
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    hobbit25 = None
+    resident = run_policy(store, "resident", 1.0, args.prompt_len, args.decode_tokens)
+    print(f"resident (all fp16 experts in memory): {resident['tok_s']:.2f} tok/s, peak RSS {resident['peak_rss'] / 2**20:.0f} MiB")
+    for fraction in (float(x) for x in args.budgets.split(",")):
+        rows = {name: run_policy(store, name, fraction, args.prompt_len, args.decode_tokens) for name in policies}
+        lru = rows.get("lru-fp16")
+        r0 = next(iter(rows.values()))
+        print(f"\nbudget {fraction:.0%} = {r0['budget'] / 2**20:.0f} MiB; resident weights in memory (fp32) "
+              f"{r0['resident'] / 2**20:.0f} MiB; idle interpreter {base_rss / 2**20:.0f} MiB")
+        head = (f"{'policy':<14} {'tok/s':>6} {'xLRU':>5} {'TTFT ms':>8} {'hit':>5} {'MB/tok':>7} {'bound tok/s':>11} "
+                f"{'% bound':>7} {'hi/lo/skip':>14} {'peak RSS MiB':>12} {'RSS/(budget+res+idle)':>21}")
+        print(head)
+        print("-" * len(head))
+        for name, r in rows.items():
+            bound = bandwidth * 1e6 / r["bytes_per_token"] if r["bytes_per_token"] else float("inf")
+            limit = r["budget"] + r["resident"] + base_rss
+            print(f"{name:<14} {r['tok_s']:6.2f} {r['tok_s'] / lru['tok_s'] if lru else float('nan'):5.2f} "
+                  f"{r['ttft_ms']:8.0f} {r['hit']:5.2f} {r['bytes_per_token'] / 1e6:7.1f} {bound:11.2f} "
+                  f"{r['tok_s'] / bound:7.0%} {'/'.join(f'{x:.2f}' for x in r['split']):>14} "
+                  f"{r['peak_rss'] / 2**20:12.0f} {r['peak_rss'] / limit:21.2f}")
+        if fraction == 0.25 and "hobbit" in rows:
+            hobbit25 = rows["hobbit"]
+        if "hobbit" in rows and lru:
+            h = rows["hobbit"]
+            bound = bandwidth * 1e6 / h["bytes_per_token"] if h["bytes_per_token"] else float("inf")
+            print(f"hobbit: {h['tok_s'] / lru['tok_s']:.2f}x lru-fp16 (goal >= 3x at 25%), {h['tok_s'] / bound:.0%} of its "
+                  f"bandwidth bound (goal >= 70%), peak RSS {h['peak_rss'] / (h['budget'] + h['resident'] + base_rss):.2f}x "
+                  f"budget + resident + idle interpreter (goal <= 1.10)")
+    if args.llama_python:
+        llama_side_by_side(args, store, resident, hobbit25)
+
+
+
+
+def llama_side_by_side(args, store: Path, resident: dict, hobbit25: dict | None) -> None:
+    """llama.cpp on the same weights (F16 GGUF): fully resident, then in a cgroup whose memory limit
+    is its own anonymous memory + the non-expert weights + 25% of the expert bytes."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_moe_llamacpp import make_cgroup, run_llama
+    from gguf import GGUFReader
+
+    from edgeopt.moe.gguf_export import export_gguf_qwen3_moe
+
+    gguf_path = args.cache_dir.expanduser() / args.model / "model-f16.gguf"
+    if not gguf_path.is_file():
+        export_gguf_qwen3_moe(args.cache_dir.expanduser() / args.model / "checkpoint", gguf_path)
+    reader = GGUFReader(str(gguf_path))
+    expert_bytes = sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name)
+    other_bytes = sum(int(t.n_bytes) for t in reader.tensors if "_exps" not in t.name)
+    del reader
+    seq = random.Random(0).choices(range(256), k=args.prompt_len + args.decode_tokens + 1)
+    cfg = {"gguf": str(gguf_path), "n_ctx": len(seq) + 8, "seqs": [seq], "prompt_len": args.prompt_len, "logits": False}
+    drop_page_cache([gguf_path])
+    full = run_llama(args.llama_python, cfg)
+    tok_full = full["tokens"] / sum(full["decode_s"])
+    print(f"\nllama.cpp F16 GGUF ({gguf_path.stat().st_size / 2**30:.2f} GiB, mmapped), 1 thread: resident {tok_full:.2f} tok/s "
+          f"vs edgeopt resident {resident['tok_s']:.2f} tok/s (edgeopt/llama.cpp {resident['tok_s'] / tok_full:.2f}x)")
+    # Everything llama.cpp kept in memory fully resident (anonymous + file pages: library code and the
+    # mapped GGUF), less the 75% of the expert bytes that do not fit the budget.
+    limit = full["rss_anon"] + full["rss_file"] - expert_bytes + int(0.25 * expert_bytes)
+    procs, how = make_cgroup(limit)
+    drop_page_cache([gguf_path])
+    try:
+        lim = run_llama(args.llama_python, cfg | {"cgroup_procs": str(procs)})
+    finally:
+        procs.parent.rmdir()
+    tok_lim = lim["tokens"] / sum(lim["decode_s"])
+    line = (f"llama.cpp under {how} = {limit / 2**20:.0f} MiB (its resident-run RSS "
+            f"{(full['rss_anon'] + full['rss_file']) / 2**20:.0f} MiB, non-expert weights {other_bytes / 2**20:.0f} MiB, less 75% of "
+            f"{expert_bytes / 2**30:.2f} GiB experts): {tok_lim:.2f} tok/s")
+    if hobbit25:
+        line += f"; edgeopt hobbit at 25%: {hobbit25['tok_s']:.2f} tok/s -> {hobbit25['tok_s'] / tok_lim:.2f}x (goal >= 2x)"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
