@@ -112,5 +112,5 @@ def test_hf_pickle_checkpoint_is_refused(cli_runner, tmp_path):
         weights.unlink()
     torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
     result = cli_runner.invoke(cli, ["moe", "pack", str(tmp_path / "hf"), str(tmp_path / "store")])
-    _one_line_error(result, "no .safetensors weights")
+    _one_line_error(result, "no safetensors weights")
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())

@@ -138,11 +138,11 @@ def test_fp8_checkpoint_is_refused(tmp_path):
 
 def test_integrity_errors_are_one_line(tmp_path):
     store = pack(write_random_checkpoint(TINY, tmp_path / "m"), tmp_path / "store", ("fp16", "int4"))
-    line = _one_line_exit_2(["moe", "run", str(store), "--prompt", "3 5 97", "--tokens", "2"])
+    line = _one_line_exit_2(["moe", "run", str(store), "--prompt-ids", "3 5 97", "--tokens", "2"])
     assert "token id 97 is outside the model's vocabulary (0..96)" in line
-    assert "token id -1" in _one_line_exit_2(["moe", "run", str(store), "--prompt", "3 -1", "--tokens", "2"])
+    assert "must not be negative" in _one_line_exit_2(["moe", "run", str(store), "--prompt-ids", "3 -1", "--tokens", "2"])
     resident = store / "resident.safetensors"
     data = bytearray(resident.read_bytes())
     data[-3] ^= 0x10  # one flipped bit in a weight
     resident.write_bytes(bytes(data))
-    assert "corrupted resident weights" in _one_line_exit_2(["moe", "run", str(store), "--prompt", "3 5", "--tokens", "2"])
+    assert "corrupted resident weights" in _one_line_exit_2(["moe", "run", str(store), "--prompt-ids", "3 5", "--tokens", "2"])
