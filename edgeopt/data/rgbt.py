@@ -1,0 +1,83 @@
+"""The `rgbt` dataset: a local RGB–IR detection set (LLVIP, YOLO-txt pairs or COCO json).
+
+Pairs and boxes come from `edgeopt.data.rgbt_layouts`; here the pixels are decoded
+(RGB as 3 channels, IR as 1), stacked into one (4, size, size) uint8 image and
+letterboxed (see `edgeopt.data.detection`). Calibration images are a seeded share of
+the train split unless the set has its own `calib` split; the eval split is `val`,
+else `test`, unless named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeopt.data import DATASETS
+from edgeopt.data.detection import DetectionSplit, DetectionSplits, letterbox
+from edgeopt.data.rgbt_layouts import Sample, scan
+from edgeopt.errors import InputError
+
+
+def read_pair(sample: Sample) -> np.ndarray:
+    """(H, W, 4) uint8: RGB then IR (IR stored as 3 grey channels is read as one)."""
+    from PIL import Image
+
+    with Image.open(sample.rgb) as rgb, Image.open(sample.ir) as ir:
+        return np.concatenate([np.asarray(rgb.convert("RGB")), np.asarray(ir.convert("L"))[:, :, None]], axis=2)
+
+
+def load_split(samples: list[Sample], size: int) -> DetectionSplit:
+    images = torch.empty((len(samples), 4, size, size), dtype=torch.uint8)
+    boxes, labels, names, scales = [], [], [], []
+    for i, sample in enumerate(samples):
+        image, scale = letterbox(read_pair(sample), size)
+        images[i] = torch.from_numpy(image.transpose(2, 0, 1).copy())
+        boxes.append((sample.boxes * scale).astype(np.float32))
+        labels.append(sample.labels)
+        names.append(sample.stem)
+        scales.append(scale)
+    return DetectionSplit(images, boxes, labels, names, scales)
+
+
+@DATASETS.register("rgbt")
+def rgbt(
+    path: str | Path,
+    layout: str = "auto",
+    size: int = 256,
+    label_source: str = "ir",
+    train_split: str = "train",
+    eval_split: str | None = None,
+    calib_split: str | None = None,
+    calib_fraction: float = 0.1,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+    bands: str = "rgbt",
+) -> DetectionSplits:
+    """Load a local RGB–IR set; every file is checked before any pixel is decoded."""
+    if size < 32:
+        raise ValueError(f"size must be at least 32, got {size}")
+    if not 0 <= calib_fraction < 1:
+        raise ValueError(f"calib_fraction must be in [0, 1), got {calib_fraction}")
+    found = scan(Path(path).expanduser(), layout, label_source, class_names)
+    splits = found.samples
+    if eval_split is None:
+        eval_split = next((s for s in ("val", "test", "eval") if s in splits), None)
+    if eval_split not in splits or not splits[eval_split]:
+        raise InputError(f"{path}: no eval split (found: {', '.join(sorted(splits)) or 'none'}); name one with eval_split")
+    train = list(splits.get(train_split, []))
+    if calib_split is None and "calib" in splits:
+        calib_split = "calib"
+    if calib_split is not None:
+        if calib_split not in splits:
+            raise InputError(f"{path}: no split '{calib_split}' (found: {', '.join(sorted(splits))})")
+        calib = splits[calib_split]
+    else:
+        order = np.random.default_rng(seed).permutation(len(train))
+        n_calib = round(len(train) * calib_fraction)
+        calib = [train[i] for i in sorted(order[:n_calib])]
+        train = [train[i] for i in sorted(order[n_calib:])]
+    return DetectionSplits(
+        load_split(train, size), load_split(calib, size), load_split(splits[eval_split], size), found.class_names
+    ).with_bands(bands)
