@@ -13,7 +13,8 @@ from rgbt_fixtures import CLASSES, H, W, make_pairs, write_coco, write_llvip, wr
 from edgeopt.cli import cli
 from edgeopt.data import DATASETS, load_dataset
 from edgeopt.data.detection import DetectionSplits
-from edgeopt.data.synthetic_rgbt import CLASS_NAMES, generate_split, rgbt_synthetic
+from edgeopt.data.rgbt import rgbt_synthetic
+from edgeopt.data.synthetic_rgbt import CLASS_NAMES, generate_split
 from edgeopt.errors import InputError
 
 SIZE = 40  # fixtures are 80x64: scale 0.5, padded at the bottom
@@ -213,6 +214,19 @@ def test_synthetic_conditions_hide_one_band():
     med = {k: np.median(np.asarray(v), axis=0) for k, v in contrast.items()}
     assert med["night"][0] < 0.25 * med["normal"][0] and med["haze"][0] < 0.25 * med["normal"][0]
     assert med["crossover"][1] < 0.25 * med["night"][1] and med["crossover"][0] > 0.5 * med["normal"][0]
+
+
+def test_synthetic_written_as_yolo_pairs_loads_back(tmp_path):
+    from edgeopt.data.synthetic_rgbt import main
+
+    main(["--out", str(tmp_path / "set"), "--size", "96", "--n-train", "3", "--n-calib", "2", "--n-eval", "3", "--seed", "5"])
+    original = load_dataset("rgbt-synthetic", size=96, n_train=3, n_calib=2, n_eval=3, seed=5, cache=False)
+    loaded = load_dataset("rgbt", path=str(tmp_path / "set"), size=96)
+    assert loaded.class_names == CLASS_NAMES
+    for a, b in ((original.train, loaded.train), (original.calib, loaded.calib), (original.eval, loaded.eval)):
+        assert a.names == b.names and torch.equal(a.images, b.images)
+        for x, y in zip(a.boxes, b.boxes, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-3)
 
 
 def test_synthetic_rejects_bad_arguments():

@@ -58,4 +58,3 @@ def load_dataset(name: str, **kwargs: Any) -> Splits | DetectionSplits:
 
 from edgeopt.data import digits as _digits  # noqa: E402,F401  (registers built-ins)
 from edgeopt.data import rgbt as _rgbt  # noqa: E402,F401
-from edgeopt.data import synthetic_rgbt as _synthetic_rgbt  # noqa: E402,F401

@@ -33,7 +33,8 @@ def datasets_list() -> None:
     table.add_column("name")
     table.add_column("what")
     for name in DATASETS.names():
-        doc = (DATASETS.get(name).__doc__ or "").strip().splitlines()
+        factory = DATASETS.get(name)
+        doc = (factory.__doc__ or getattr(sys.modules.get(factory.__module__), "__doc__", None) or "").strip().splitlines()
         table.add_row(name, doc[0] if doc else "")
     console.print(table)
     layouts = Table(title="rgbt layouts (edgeopt datasets check PATH --layout ...)")

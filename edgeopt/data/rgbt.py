@@ -1,4 +1,4 @@
-"""The `rgbt` dataset: a local RGB–IR detection set (LLVIP, YOLO-txt pairs or COCO json).
+"""The RGB–IR detection datasets: `rgbt` (a local set: LLVIP, YOLO-txt pairs or COCO json) and `rgbt-synthetic`.
 
 Pairs and boxes come from `edgeopt.data.rgbt_layouts`; here the pixels are decoded
 (RGB as 3 channels, IR as 1), stacked into one (4, size, size) uint8 image and
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edgeopt.data import DATASETS
-from edgeopt.data.detection import DetectionSplit, DetectionSplits, letterbox
+from edgeopt.data.detection import BANDS, DetectionSplit, DetectionSplits, letterbox
 from edgeopt.data.rgbt_layouts import Sample, scan
 from edgeopt.errors import InputError
 
@@ -81,3 +81,22 @@ def rgbt(
     return DetectionSplits(
         load_split(train, size), load_split(calib, size), load_split(splits[eval_split], size), found.class_names
     ).with_bands(bands)
+
+
+@DATASETS.register("rgbt-synthetic")
+def rgbt_synthetic(
+    size: int = 256,
+    n_train: int = 2000,
+    n_calib: int = 128,
+    n_eval: int = 400,
+    seed: int = 0,
+    bands: str = "rgbt",
+    cache: bool = True,
+) -> DetectionSplits:
+    """The seeded synthetic RGB–IR set where fusion matters (edgeopt.data.synthetic_rgbt); bands="rgb"|"ir" zeroes the other band."""
+    # Imported here so `python -m edgeopt.data.synthetic_rgbt` runs a module the package has not imported.
+    from edgeopt.data.synthetic_rgbt import synthetic_splits
+
+    if bands not in BANDS:
+        raise ValueError(f"bands must be one of {', '.join(BANDS)}, got '{bands}'")
+    return synthetic_splits(size, n_train, n_calib, n_eval, seed, cache).with_bands(bands)

@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeopt.data import DATASETS
 from edgeopt.data.detection import DetectionSplit, DetectionSplits
 
 GENERATOR_VERSION = 1
@@ -259,17 +258,8 @@ def _load(path: Path, names: list[str]) -> dict[str, DetectionSplit]:
     return out
 
 
-@DATASETS.register("rgbt-synthetic")
-def rgbt_synthetic(
-    size: int = 256,
-    n_train: int = 2000,
-    n_calib: int = 128,
-    n_eval: int = 400,
-    seed: int = 0,
-    bands: str = "rgbt",
-    cache: bool = True,
-) -> DetectionSplits:
-    """The synthetic set; `bands="rgb"|"ir"` zeroes the other band (same 4-channel input)."""
+def synthetic_splits(size: int, n_train: int, n_calib: int, n_eval: int, seed: int, cache: bool = True) -> DetectionSplits:
+    """All three splits (both bands), from the cache when it holds them; the `rgbt-synthetic` dataset."""
     if size < 64:
         raise ValueError(f"size must be at least 64, got {size}")
     counts = {"train": int(n_train), "calib": int(n_calib), "eval": int(n_eval)}
@@ -286,7 +276,7 @@ def rgbt_synthetic(
         splits = {name: generate_split(name, n, size, seed) for name, n in counts.items()}
         if cache:
             _save(path, splits)
-    return DetectionSplits(splits["train"], splits["calib"], splits["eval"], list(CLASS_NAMES)).with_bands(bands)
+    return DetectionSplits(splits["train"], splits["calib"], splits["eval"], list(CLASS_NAMES))
 
 
 def write_yolo_layout(out: Path, splits: DetectionSplits) -> None:
@@ -319,15 +309,17 @@ def write_yolo_layout(out: Path, splits: DetectionSplits) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import inspect
+
+    from edgeopt.data.rgbt import rgbt_synthetic
+
+    defaults = {k: p.default for k, p in inspect.signature(rgbt_synthetic).parameters.items()}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write (YOLO-txt pair layout)")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-calib", type=int, default=128)
-    parser.add_argument("--n-eval", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
+    for name in ("size", "n_train", "n_calib", "n_eval", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name], help=f"default {defaults[name]}")
     args = parser.parse_args(argv)
-    splits = rgbt_synthetic(args.size, args.n_train, args.n_calib, args.n_eval, args.seed, cache=False)
+    splits = synthetic_splits(args.size, args.n_train, args.n_calib, args.n_eval, args.seed, cache=False)
     write_yolo_layout(args.out, splits)
     total = len(splits.train) + len(splits.calib) + len(splits.eval)
     print(f"wrote {total} RGB–IR pairs to {args.out} (data.yaml, images/, imagesIR/, labels/)")
