@@ -71,6 +71,14 @@ def test_bands_zero_the_other_band(tmp_path, pairs):
     assert (ir[:, :3] == 0).all() and torch.equal(ir[:, 3], fused[:, 3])
 
 
+def test_sixteen_bit_ir_is_stretched_to_eight(tmp_path, pairs):
+    root = write_yolo(tmp_path / "yolo", pairs)
+    raw = np.tile(np.linspace(1000, 9000, W, dtype=np.uint16), (H, 1))  # a 16-bit thermal frame, a ramp
+    Image.fromarray(raw).save(root / "imagesIR" / "test" / "b001.png")
+    ir = load_dataset("rgbt", path=str(root), size=W).eval.images[0, 3, :H].numpy()
+    assert ir[:, 0].max() == 0 and ir[:, -1].min() == 255 and (np.diff(ir[0].astype(int)) >= 0).all()
+
+
 def test_empty_label_file_is_an_image_without_objects(tmp_path, pairs):
     data = _load(write_yolo(tmp_path / "yolo", pairs))
     assert data.eval.names[1] == "b002" and data.eval.boxes[1].shape == (0, 4) and data.eval.labels[1].shape == (0,)

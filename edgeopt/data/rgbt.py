@@ -20,12 +20,21 @@ from edgeopt.data.rgbt_layouts import Sample, scan
 from edgeopt.errors import InputError
 
 
+def _ir_gray(ir) -> np.ndarray:
+    """IR as (H, W) uint8; 16-bit / float thermal frames are stretched between their 1st and 99th percentiles."""
+    if ir.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raw = np.asarray(ir, dtype=np.float32)
+        lo, hi = np.percentile(raw, [1, 99])
+        return (np.clip((raw - lo) / max(hi - lo, 1e-6), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.asarray(ir.convert("L"))
+
+
 def read_pair(sample: Sample) -> np.ndarray:
     """(H, W, 4) uint8: RGB then IR (IR stored as 3 grey channels is read as one)."""
     from PIL import Image
 
     with Image.open(sample.rgb) as rgb, Image.open(sample.ir) as ir:
-        return np.concatenate([np.asarray(rgb.convert("RGB")), np.asarray(ir.convert("L"))[:, :, None]], axis=2)
+        return np.concatenate([np.asarray(rgb.convert("RGB")), _ir_gray(ir)[:, :, None]], axis=2)
 
 
 def load_split(samples: list[Sample], size: int) -> DetectionSplit:

@@ -38,7 +38,7 @@ import torch
 
 from edgeopt.data.detection import DetectionSplit, DetectionSplits
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump whenever a scene changes: the cache is keyed by it
 CLASS_NAMES = ["vessel", "vehicle", "person"]
 CONDITIONS = ("normal", "night", "haze", "crossover")
 CONDITION_P = (0.30, 0.25, 0.20, 0.25)
