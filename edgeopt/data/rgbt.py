@@ -38,9 +38,17 @@ def read_pair(sample: Sample) -> np.ndarray:
 
 
 def load_split(samples: list[Sample], size: int) -> DetectionSplit:
+    """Decode and letterbox a split (a progress bar on stderr for large ones: LLVIP is ~15 K pairs)."""
+    from rich.console import Console
+    from rich.progress import track
+
     images = torch.empty((len(samples), 4, size, size), dtype=torch.uint8)
     boxes, labels, names, scales = [], [], [], []
-    for i, sample in enumerate(samples):
+    split = samples[0].split if samples else ""
+    progress = track(
+        samples, description=f"reading {split} pairs", console=Console(stderr=True), transient=True, disable=len(samples) < 500
+    )
+    for i, sample in enumerate(progress):
         image, scale = letterbox(read_pair(sample), size)
         images[i] = torch.from_numpy(image.transpose(2, 0, 1).copy())
         boxes.append((sample.boxes * scale).astype(np.float32))
