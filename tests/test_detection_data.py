@@ -25,6 +25,12 @@ def pairs():
     return make_pairs()
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEOPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def _load(path, **kwargs) -> DetectionSplits:
     return load_dataset("rgbt", path=str(path), size=SIZE, calib_fraction=0.0, **kwargs)
 
@@ -54,6 +60,21 @@ def test_layouts_load_to_the_same_boxes(tmp_path, pairs):
     # JPEG is lossy but close.
     diff = (sets["llvip"].eval.images.float() - sets["coco"].eval.images.float()).abs().mean()
     assert diff < 20
+
+
+def test_decoded_splits_are_cached_until_a_file_changes(tmp_path, pairs, _cache):
+    root = write_yolo(tmp_path / "yolo", pairs)
+    first = _load(root)
+    assert len(list(_cache.glob("rgbt-*.npz"))) == 1
+    again = _load(root)
+    assert torch.equal(again.eval.images, first.eval.images) and again.eval.scales == first.eval.scales
+    assert all(np.array_equal(a, b) for a, b in zip(again.train.boxes, first.train.boxes, strict=True))
+    (root / "labels" / "test" / "b002.txt").write_text("1 0.5 0.5 0.25 0.25\n")  # annotations are part of the key
+    changed = _load(root)
+    np.testing.assert_allclose(changed.eval.boxes[1], [[15, 12, 25, 20]], atol=1e-3)
+    assert len(list(_cache.glob("rgbt-*.npz"))) == 2
+    _load(root, cache=False)
+    assert len(list(_cache.glob("rgbt-*.npz"))) == 2
 
 
 def test_calib_is_carved_from_train_with_a_seed(tmp_path, pairs):

@@ -4,17 +4,22 @@ Pairs and boxes come from `edgeopt.data.rgbt_layouts`; here the pixels are decod
 (RGB as 3 channels, IR as 1), stacked into one (4, size, size) uint8 image and
 letterboxed (see `edgeopt.data.detection`). Calibration images are a seeded share of
 the train split unless the set has its own `calib` split; the eval split is `val`,
-else `test`, unless named.
+else `test`, unless named. Decoded splits are cached (`edgeopt.data.cache`) under a key
+made of the files' paths, mtimes and sizes, the boxes and the arguments, so a large set
+(LLVIP: ~15 K pairs) is decoded once, and again only when a file changes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgeopt.data import DATASETS
+from edgeopt.data.cache import cache_dir, load_splits, save_splits
 from edgeopt.data.detection import BANDS, DetectionSplit, DetectionSplits, letterbox
 from edgeopt.data.rgbt_layouts import Sample, scan
 from edgeopt.errors import InputError
@@ -71,6 +76,7 @@ def rgbt(
     seed: int = 0,
     class_names: list[str] | None = None,
     bands: str = "rgbt",
+    cache: bool = True,
 ) -> DetectionSplits:
     """Load a local RGB–IR set; every file is checked before any pixel is decoded."""
     if size < 32:
@@ -95,9 +101,27 @@ def rgbt(
         n_calib = round(len(train) * calib_fraction)
         calib = [train[i] for i in sorted(order[:n_calib])]
         train = [train[i] for i in sorted(order[n_calib:])]
-    return DetectionSplits(
-        load_split(train, size), load_split(calib, size), load_split(splits[eval_split], size), found.class_names
-    ).with_bands(bands)
+    chosen = {"train": train, "calib": calib, "eval": splits[eval_split]}
+    path = cache_dir() / f"rgbt-{_fingerprint(chosen, size, found.class_names)}.npz"
+    loaded = load_splits(path, list(chosen)) if cache else None
+    if loaded is None:
+        loaded = {name: load_split(samples, size) for name, samples in chosen.items()}
+        if cache:
+            save_splits(path, loaded)
+    return DetectionSplits(loaded["train"], loaded["calib"], loaded["eval"], found.class_names).with_bands(bands)
+
+
+def _fingerprint(chosen: dict[str, list[Sample]], size: int, class_names: list[str]) -> str:
+    """A cache key from everything the decoded splits depend on: files (path, mtime, size), boxes, size, classes."""
+    digest = hashlib.sha1(json.dumps({"v": 1, "size": size, "classes": class_names}).encode())
+    for name, samples in chosen.items():
+        digest.update(name.encode())
+        for s in samples:
+            for file in (s.rgb, s.ir):
+                st = file.stat()
+                digest.update(f"{file.resolve()}|{st.st_mtime_ns}|{st.st_size}|".encode())
+            digest.update(s.boxes.tobytes() + s.labels.tobytes())
+    return digest.hexdigest()[:16]
 
 
 @DATASETS.register("rgbt-synthetic")

@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edgeopt.data.cache import cache_dir, load_splits, save_splits
 from edgeopt.data.detection import DetectionSplit, DetectionSplits
 
 GENERATOR_VERSION = 2  # bump whenever a scene changes: the cache is keyed by it
@@ -45,10 +44,6 @@ CONDITION_P = (0.30, 0.25, 0.20, 0.25)
 SPLIT_IDS = {"train": 0, "calib": 1, "eval": 2}
 # Object extents (pixels at 256²; scaled with `size`): (min, max) of the long side.
 LENGTHS = {0: (22, 64), 1: (12, 36), 2: (10, 28)}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGEOPT_CACHE", Path.home() / ".cache" / "edgeopt"))
 
 
 def _lowfreq(rng: np.random.Generator, channels: int, size: int, grid: int = 6) -> np.ndarray:
@@ -225,39 +220,6 @@ def _cache_path(size: int, counts: dict[str, int], seed: int) -> Path:
     return cache_dir() / f"rgbt-synthetic-v{GENERATOR_VERSION}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
 
 
-def _save(path: Path, splits: dict[str, DetectionSplit]) -> None:
-    arrays = {}
-    for name, s in splits.items():
-        arrays[f"{name}_images"] = s.images.numpy()
-        arrays[f"{name}_boxes"] = np.concatenate(s.boxes) if s.boxes else np.zeros((0, 4), np.float32)
-        arrays[f"{name}_labels"] = np.concatenate(s.labels) if s.labels else np.zeros((0,), np.int64)
-        arrays[f"{name}_counts"] = np.asarray([len(b) for b in s.boxes], dtype=np.int64)
-        arrays[f"{name}_names"] = np.asarray(s.names)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _load(path: Path, names: list[str]) -> dict[str, DetectionSplit]:
-    out = {}
-    with np.load(path, allow_pickle=False) as z:
-        for name in names:
-            cuts = np.cumsum(z[f"{name}_counts"])[:-1]
-            out[name] = DetectionSplit(
-                torch.from_numpy(z[f"{name}_images"]),
-                np.split(z[f"{name}_boxes"], cuts) if len(z[f"{name}_counts"]) else [],
-                np.split(z[f"{name}_labels"], cuts) if len(z[f"{name}_counts"]) else [],
-                [str(s) for s in z[f"{name}_names"]],
-            )
-    return out
-
-
 def synthetic_splits(size: int, n_train: int, n_calib: int, n_eval: int, seed: int, cache: bool = True) -> DetectionSplits:
     """All three splits (both bands), from the cache when it holds them; the `rgbt-synthetic` dataset."""
     if size < 64:
@@ -266,16 +228,11 @@ def synthetic_splits(size: int, n_train: int, n_calib: int, n_eval: int, seed: i
     if min(counts.values()) < 0:
         raise ValueError(f"split sizes must be >= 0, got {counts}")
     path = _cache_path(size, counts, seed)
-    splits = None
-    if cache and path.exists():
-        try:
-            splits = _load(path, list(counts))
-        except (OSError, ValueError, KeyError):
-            splits = None  # a damaged cache file is regenerated
+    splits = load_splits(path, list(counts)) if cache else None
     if splits is None:
         splits = {name: generate_split(name, n, size, seed) for name, n in counts.items()}
         if cache:
-            _save(path, splits)
+            save_splits(path, splits)
     return DetectionSplits(splits["train"], splits["calib"], splits["eval"], list(CLASS_NAMES))
 
 
