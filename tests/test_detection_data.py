@@ -62,6 +62,20 @@ def test_layouts_load_to_the_same_boxes(tmp_path, pairs):
     assert diff < 20
 
 
+def test_yolo_folder_conventions(tmp_path, pairs):
+    """M3FD-style vi/ + ir/ folders, and CFT-style train_rgb / train_ir keys naming both folders."""
+    m3fd = _load(write_yolo(tmp_path / "m3fd", pairs, "vi", "ir"))
+    root = write_yolo(tmp_path / "cft", pairs, "RGB", "thermal")
+    (root / "data.yaml").write_text(
+        "names: [person, car]\ntrain_rgb: RGB/train\ntrain_ir: thermal/train\n"
+        "val_rgb: RGB/test\nval_ir: thermal/test\nval_labels_ir: labels/test\n"  # train: labels/ in place of RGB/
+    )
+    cft = _load(root)
+    for data in (m3fd, cft):
+        assert data.eval.names == ["b001", "b002"] and len(data.train) == 2
+        np.testing.assert_allclose(data.eval.boxes[0], pairs[2].boxes * 0.5, atol=1e-3)
+
+
 def test_decoded_splits_are_cached_until_a_file_changes(tmp_path, pairs, _cache):
     root = write_yolo(tmp_path / "yolo", pairs)
     first = _load(root)

@@ -9,8 +9,8 @@ never decoding pixels, so `edgeopt datasets check` can validate a large set quic
 - yolo: a data YAML (`data.yaml`, or the one `*.yaml` in the folder, or the YAML given as
   PATH) with `names` and per split the RGB folder (`train: images/train`); the IR folder is
   `<split>_ir` if given, else the RGB path with `images`→`imagesIR`, `visible`→`infrared`,
-  `rgb`→`ir` or `vi`→`ir`; labels (`class cx cy w h`, normalized) in `labels/` beside the
-  image folder (`images/train` → `labels/train`), or `<split>_labels_ir` / `<split>_labels_rgb`
+  `rgb`→`ir` or `vi`→`ir`; labels (`class cx cy w h`, normalized) in `labels/` in place
+  of the RGB folder (`images/train` → `labels/train`, `RGB/train` → `labels/train`), or `<split>_labels_ir` / `<split>_labels_rgb`
   when the bands have their own (picked by `label_source`). CFT-style `train_rgb`/`train_ir` keys work too.
 - coco: `annotations/<split>.json` (or `instances_<split>.json`; `<split>_ir.json` and
   `<split>_rgb.json` when the bands have their own, picked by `label_source`) whose
@@ -214,6 +214,15 @@ def _swap_part(path: Path, pairs: tuple[tuple[str, str], ...]) -> Path | None:
     return None
 
 
+def _labels_beside(rgb_dir: Path, root: Path) -> Path:
+    """`labels/` in place of the RGB folder's top folder: RGB/train -> labels/train."""
+    try:
+        parts = rgb_dir.relative_to(root).parts
+    except ValueError:
+        return rgb_dir.parent / "labels"
+    return root.joinpath("labels", *parts[1:]) if len(parts) > 1 else root / "labels"
+
+
 def _yolo_names(data: dict, yaml_path: Path) -> list[str]:
     names = data.get("names")
     if isinstance(names, dict):
@@ -285,7 +294,7 @@ def read_yolo(path: Path, label_source: str, collect: bool = False) -> Scan:
         if own:
             label_dir = root / str(own)
         else:
-            label_dir = _swap_part(rgb_dir, tuple((a, "labels") for a, _ in BAND_DIRS)) or rgb_dir.parent / "labels"
+            label_dir = _swap_part(rgb_dir, tuple((a, "labels") for a, _ in BAND_DIRS)) or _labels_beside(rgb_dir, root)
         scan.samples[split] = []
         for stem, rgb, ir in reader.pairs(rgb_dir, ir_dir):
             txt = label_dir / f"{stem}.txt"
