@@ -37,13 +37,13 @@ import torch
 from edgeopt.data.cache import cache_dir, load_splits, save_splits
 from edgeopt.data.detection import DetectionSplit, DetectionSplits
 
-GENERATOR_VERSION = 2  # bump whenever a scene changes: the cache is keyed by it
+GENERATOR_VERSION = 3  # bump whenever a scene changes: the cache is keyed by it
 CLASS_NAMES = ["vessel", "vehicle", "person"]
 CONDITIONS = ("normal", "night", "haze", "crossover")
 CONDITION_P = (0.30, 0.25, 0.20, 0.25)
 SPLIT_IDS = {"train": 0, "calib": 1, "eval": 2}
 # Object extents (pixels at 256²; scaled with `size`): (min, max) of the long side.
-LENGTHS = {0: (22, 64), 1: (12, 36), 2: (10, 28)}
+LENGTHS = {0: (22, 64), 1: (12, 36), 2: (12, 30)}
 
 
 def _lowfreq(rng: np.random.Generator, channels: int, size: int, grid: int = 6) -> np.ndarray:
@@ -65,7 +65,7 @@ def _shape(cls: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray,
     elif cls == 1:  # vehicle: rectangle, dark windshield near the front, hot engine at the front
         h, w = max(5, round(length * rng.uniform(0.45, 0.6))), length
     else:  # person, upright: head above a body
-        h, w = length, max(4, round(length * rng.uniform(0.32, 0.45)))
+        h, w = length, max(5, round(length * rng.uniform(0.32, 0.45)))
     v, u = np.meshgrid(
         (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1, (np.arange(w, dtype=np.float32) + 0.5) / w, indexing="ij"
     )
