@@ -334,7 +334,7 @@ def _attach_plugins() -> None:
     import importlib
 
     for module, attr in (("edgeopt.moe.cli", "moe"), ("edgeopt.profiler.cli", "devices"), ("edgeopt.sweep", "sweep"),
-                         ("edgeopt.stepcache", "cache")):
+                         ("edgeopt.stepcache", "cache"), ("edgeopt.data.cli", "datasets")):
         cli.add_command(getattr(importlib.import_module(module), attr))
 
 
