@@ -1,5 +1,7 @@
-"""Mamba's selective scan with four backends: reference loop, chunked (export/training),
-fused CPU kernel (eager inference, `edgeopt.ops.scan_kernel`), CUDA kernel.
+"""Mamba's selective scan with five backends: reference loop, chunked (export/training),
+fused CPU kernel (eager inference, `edgeopt.ops.scan_kernel`), CUDA kernel, and "op": one
+`torch.ops.edgeopt.selective_scan` node that ExecuTorch runs with a C++ kernel
+(`edgeopt.ops.scan_op`; exporters select it with `default_backend("op")`).
 
 Semantics are mamba-ssm's `selective_scan_ref`. Shapes: u, delta, z (B, D, L); A (D, N);
 B, C (B, N, L) or grouped (B, G, N, L) where channel d uses group d // (D // G); D, delta_bias (D,)::
@@ -26,8 +28,11 @@ every exported graph (ONNX, TFLite, torch.export) keep the chunked formulation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import lru_cache
 from types import ModuleType
 
@@ -36,7 +41,9 @@ import torch.nn.functional as F
 
 from edgeopt.errors import unknown_name
 
-BACKENDS = ("reference", "chunked", "fused", "cuda")
+BACKENDS = ("reference", "chunked", "fused", "cuda", "op")
+# the backend a call without an explicit one gets; an exporter sets it for the graph it traces
+_DEFAULT_BACKEND: ContextVar[str | None] = ContextVar("edgeopt_scan_backend", default=None)
 # elements of one sample's (D, L, N) up to which all steps are computed at once; the batch size
 # stays out of the decision so an export with a dynamic batch does not guard on it
 _VECTORIZE_MAX = 1 << 22
@@ -61,6 +68,13 @@ def selective_scan(
     are requested; the kernel does not return them), "fused" for eager CPU inference (no
     autograd, nothing tracing or exporting), else "chunked" (training and exported graphs).
     """
+    backend = backend or _DEFAULT_BACKEND.get()
+    if backend == "op":
+        if return_states:
+            raise ValueError("the scan op does not return hidden states; use backend='chunked'")
+        from edgeopt.ops.scan_op import scan_node
+
+        return scan_node(u, delta, A, B, C, D, z, delta_bias, delta_softplus).to(u.dtype)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     kernel = _fused_kernel() if backend in (None, "fused") else None
     if backend is None:
@@ -88,6 +102,19 @@ def selective_scan(
     y, states = scan(u, delta, A.float(), Bg, Cg, return_states)
     out = _finish(y, u, D, z).to(dtype)
     return (out, states) if return_states else out
+
+
+@contextlib.contextmanager
+def default_backend(backend: str | None) -> Iterator[None]:
+    """Within the block, calls that name no backend use `backend` (e.g. "op" while the ExecuTorch
+    exporter traces a model, so every SS2D becomes one scan node); modules need no flag."""
+    if backend is not None and backend not in BACKENDS:
+        raise unknown_name("selective-scan backend", backend, BACKENDS)
+    token = _DEFAULT_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _DEFAULT_BACKEND.reset(token)
 
 
 def _prepare(
