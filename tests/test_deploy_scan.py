@@ -115,7 +115,7 @@ class TinySS2DNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, kernel_library):
-    """The net, eval inputs labelled by its own eager top-1, and its .pte exports (scan op / portable)."""
+    """The net, eval inputs labelled by its own eager top-1, and its .pte export (scan op)."""
     torch.manual_seed(0)
     model = TinySS2DNet().eval()
     x = torch.randn(6, 1, 16, 16)
@@ -123,19 +123,14 @@ def tiny(tmp_path_factory, kernel_library):
         want = model(x).numpy()
     out = tmp_path_factory.mktemp("pte")
     custom = export("pte", model, x, out / "custom.pte")
-    from edgeopt.exporters.pte import export_pte
-
-    portable = export_pte(model, x, out / "portable.pte", scan_op=False)
-    return model, x.numpy(), want, custom, portable, out
+    return model, x.numpy(), want, custom, out
 
 
 def test_pte_export_holds_one_scan_node_per_ss2d_and_matches_eager(tiny):
-    model, x, want, custom, portable, _ = tiny
+    model, x, want, custom, _ = tiny
     assert Counter(op_names(custom))[SCAN] == 2
-    assert SCAN not in op_names(portable)
-    for path in (custom, portable):
-        check = parity(want, run_pte(path, x))
-        assert check["max_rel"] <= 1e-4 and check["top1_agreement"] == 1.0
+    check = parity(want, run_pte(custom, x))
+    assert check["max_rel"] <= 1e-4 and check["top1_agreement"] == 1.0
 
 
 def run_agent(bundle, env=None):
@@ -145,7 +140,7 @@ def run_agent(bundle, env=None):
 
 
 def test_pte_bundle_runs_in_agent_with_parity(tiny):
-    _, x, want, custom, _, out = tiny
+    _, x, want, custom, out = tiny
     bundle = make_bundle(custom, "executorch", x, want.argmax(1), out / "bundle", threads=2)
     meta = json.loads((bundle / "meta.json").read_text())
     assert [lib["name"] for lib in meta["op_libraries"]] == [build_kernels.LIBRARY]
@@ -159,25 +154,19 @@ def test_pte_bundle_runs_in_agent_with_parity(tiny):
 
 
 def test_missing_op_library_is_one_line_naming_the_build(tiny, tmp_path):
-    _, x, want, custom, portable, out = tiny
+    _, x, want, custom, out = tiny
     bundle = make_bundle(custom, "executorch", x, want.argmax(1), out / "bundle-missing", threads=1)
     env = dict(os.environ, HOME=str(tmp_path), EDGEOPT_OPS_DIR=str(tmp_path / "empty"))
     code, result = run_agent(bundle, env)
     assert code == 3 and result["kind"] == "missing_op_library"
     assert "edgeopt_ops" in result["error"] and "build_kernels.py" in result["error"] and "\n" not in result["error"]
-    # the standard-op program needs no op library: same environment, it runs and agrees
-    plain = make_bundle(portable, "executorch", x, want.argmax(1), out / "bundle-portable", threads=1)
-    assert "op_libraries" not in json.loads((plain / "meta.json").read_text())
-    code, result = run_agent(plain, env)
-    assert code == 0, result
-    assert result["accuracy"]["top1"] == 1.0
 
 
 def test_standard_op_onnx_graph_needs_no_op_library(tiny):
     """The portable default: ONNX export holds no custom op and matches eager."""
     import onnx
 
-    model, x, want, _, _, out = tiny
+    model, x, want, _, out = tiny
     path = export("onnx", model, torch.from_numpy(x), out / "model.onnx")
     assert not {n.domain for n in onnx.load(str(path)).graph.node} - {"", "ai.onnx"}
     check = parity(want, run_onnx(path, x))

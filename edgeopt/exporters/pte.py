@@ -84,15 +84,24 @@ def _quantize(program, sample: torch.Tensor, calibration: Iterable[torch.Tensor]
 
 
 def op_names(path: Path) -> list[str]:
-    """Operator names a .pte program calls (from its flatbuffer), e.g. to count scan nodes."""
+    """What a .pte program executes, one entry per instruction: operator names (e.g.
+    `edgeopt::selective_scan.out`) and `delegate:<backend>` for each delegated partition."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     program = deserialize_pte_binary(Path(path).read_bytes())
     program = getattr(program, "program", program)
     plan = program.execution_plan[0]
     names = [op.name + (f".{op.overload}" if op.overload else "") for op in plan.operators]
-    return [names[ins.instr_args.op_index] for chain in plan.chains for ins in chain.instructions
-            if hasattr(ins.instr_args, "op_index")]
+    delegates = [f"delegate:{d.id}" for d in plan.delegates]
+    calls = []
+    for chain in plan.chains:
+        for instruction in chain.instructions:
+            args = instruction.instr_args
+            if hasattr(args, "op_index"):
+                calls.append(names[args.op_index])
+            elif hasattr(args, "delegate_index"):
+                calls.append(delegates[args.delegate_index])
+    return calls
 
 
 @contextlib.contextmanager

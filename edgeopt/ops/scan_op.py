@@ -30,8 +30,8 @@ _LIB.define(f"selective_scan.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
 
 def _eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> torch.Tensor:  # noqa: ANN001
-    from edgeopt.ops.selective_scan import selective_scan
     from edgeopt.ops.selective_scan import _fused_kernel as fused
+    from edgeopt.ops.selective_scan import selective_scan
 
     kernel = fused()
     backend = "fused" if kernel is not None and kernel.fused_allowed(u, delta, A, B, C, D, z, delta_bias) else "chunked"
