@@ -80,13 +80,15 @@ def deployables(args: argparse.Namespace):
     from edgeopt.exporters import export
     from edgeopt.exporters.pte import export_pte
 
-    rows = [("onnxruntime", "onnxruntime", lambda m, x, p: export("onnx", m, x, p.with_suffix(".onnx")))]
+    rows = [  # most telling first: on a busy host a long run still reports these
+        ("ExecuTorch+scan op", "executorch",
+         lambda m, x, p: export_pte(m, x, p.with_name(p.name + "-op.pte"), scan_op=True)),
+        ("onnxruntime", "onnxruntime", lambda m, x, p: export("onnx", m, x, p.with_suffix(".onnx"))),
+        ("ExecuTorch+XNNPACK", "executorch",
+         lambda m, x, p: export_pte(m, x, p.with_name(p.name + "-xnn.pte"), scan_op=False)),
+    ]
     if not args.no_tflite:
         rows.append(("LiteRT", "tflite", lambda m, x, p: export("tflite", m, x, p.with_suffix(".tflite"))))
-    rows.append(("ExecuTorch+XNNPACK", "executorch",
-                 lambda m, x, p: export_pte(m, x, p.with_name(p.name + "-xnn.pte"), scan_op=False)))
-    rows.append(("ExecuTorch+scan op", "executorch",
-                 lambda m, x, p: export_pte(m, x, p.with_name(p.name + "-op.pte"), scan_op=True)))
     return rows
 
 

@@ -17,8 +17,9 @@ graph holds O(sqrt(L)) steps: pass 1 finds each chunk's end state from a zero st
 loop over chunks carries the true start state, pass 2 reruns the chunks from their true
 start states and reads out y. Every step multiplies by decays <= 1, so it is as stable as
 the loop (no exp of positive cumulative sums), and every op works on cache-sized slices.
-Cost: about 2x the loop's arithmetic and 2 x (B, D, L, N) floats of decays/inputs held
-between the passes, for ~sqrt(L) sequential steps instead of L.
+Cost: about 2x the loop's arithmetic for ~sqrt(L) sequential steps instead of L. Layout is
+token-major (B, NC, T, D, N); long scans compute each step's decays and inputs when the step
+runs (`_chunked_tokens`), short ones all at once (`_chunked_small`, fewer graph nodes).
 
 That memory traffic bounds the chunked scan in eager mode, so eager CPU inference (no
 autograd, nothing tracing or exporting) runs the fused numba kernel instead: one pass over L
@@ -192,58 +193,16 @@ def _chunked(
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Two-pass chunked recurrence (see module docstring). Shapes are static, so it traces."""
-    batch, dim, length = u.shape
-    groups, nstate = B.shape[1], A.shape[1]
+    dim, length, nstate = u.shape[1], u.shape[2], A.shape[1]
     T = chunk or chunk_size(length)
     NC = -(-length // T)
     pad = NC * T - length
     if pad:  # padded steps have delta = 0: decay 1, input 0, so they change nothing before them
         u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
         B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
-    dg = dim // groups
     if dim * NC * T * nstate <= _VECTORIZE_MAX:
         return _chunked_small(u, delta, A, B, C, want_states, T, length)
-    if _LARGE_FORM == "tokens":
-        return _chunked_tokens(u, delta, A, B, C, want_states, T, length)
-    # Layout (B, G, dg, NC, T, N): token l = chunk * T + step; every reshape below is a view,
-    # and a step is a strided slice along T (no transposing copies).
-    dt = delta.reshape(batch, groups, dg, NC, T, 1)
-    du = (delta * u).reshape(batch, groups, dg, NC, T, 1)
-    Bt = B.reshape(batch, groups, nstate, NC, T).permute(0, 1, 3, 4, 2).unsqueeze(2)  # (B, G, 1, NC, T, N)
-    Ct = C.reshape(batch, groups, nstate, NC, T).permute(0, 1, 3, 4, 2).unsqueeze(2)
-    Ag = A.reshape(groups, dg, 1, 1, nstate)
-
-    # Pass 1: every chunk from a zero state; keep each step's decay and input for pass 2.
-    # Step by step so each op stays in cache (one (B, D, L, N) op is memory-bound).
-    decays = [torch.exp(d * Ag) for d in dt.split(1, dim=4)]
-    inputs = [d * b for d, b in zip(du.split(1, dim=4), Bt.split(1, dim=4), strict=True)]
-    h = torch.zeros(batch, groups, dg, NC, 1, nstate, dtype=u.dtype, device=u.device)
-    for t in range(T):
-        h = torch.addcmul(inputs[t], decays[t], h)
-    chunk_decay = torch.exp(dt.sum(4, keepdim=True) * Ag)  # (B, G, dg, NC, 1, N)
-
-    # Carry true start states across chunks (NC short steps on (B, G, dg, N)).
-    ends, totals = h.split(1, dim=3), chunk_decay.split(1, dim=3)
-    starts = [torch.zeros_like(ends[0])]
-    for c in range(NC - 1):
-        starts.append(torch.addcmul(ends[c], totals[c], starts[-1]))
-    h = torch.cat(starts, dim=3)
-
-    # Pass 2: rerun every chunk from its true start state and read out y.
-    ys, hs = [], []
-    for t, c in enumerate(Ct.split(1, dim=4)):
-        h = torch.addcmul(inputs[t], decays[t], h)
-        ys.append((h * c).squeeze(-1) if nstate == 1 else (h * c).sum(-1))
-        if want_states:
-            hs.append(h)
-    y = torch.cat(ys, dim=4).reshape(batch, dim, NC * T)[:, :, :length]
-    states = None
-    if want_states:
-        states = torch.cat(hs, dim=4).reshape(batch, dim, NC * T, nstate)[:, :, :length]
-    return y, states
-
-
-_LARGE_FORM = "tokens"
+    return _chunked_tokens(u, delta, A, B, C, want_states, T, length)
 
 
 def _chunked_tokens(
