@@ -14,7 +14,9 @@ ONNX graph in onnxruntime vs the custom op in ExecuTorch.
 
 Eager timings on this host are dominated by page faults unless glibc keeps freed memory, so the
 script re-runs itself with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ set
-(DESIGN.md) and says so; the runtimes use their own arenas. Goals (issue 15): fastest deployable of
+(DESIGN.md) and says so; the runtimes use their own arenas. It also sets NUMBA_NUM_THREADS to
+--threads: on a busy 2-core host numba's idle pool threads cost the fused-kernel eager model ~27x
+in median latency (digits-vmamba, 1 torch thread: 626 ms vs 23.5 ms with NUMBA_NUM_THREADS=1). Goals (issue 15): fastest deployable of
 VMamba-T <= 1.3x eager fused, peak RSS <= 1.5x eager's, parity <= 1e-4; isolated scan <= 2x fused.
 """
 
@@ -196,8 +198,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--eager-child":
         name, size, threads, runs = sys.argv[2], *map(int, sys.argv[3:6])
         return eager_child(name, size, threads, runs)
-    if any(os.environ.get(k) != v for k, v in MALLOC.items()):  # control glibc malloc for eager timings
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+    threads = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
+    control = {**MALLOC, "NUMBA_NUM_THREADS": threads}
+    if any(os.environ.get(k) != v for k, v in control.items()):  # control malloc and numba's pool for eager
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **control})
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["vanilla_vmamba_tiny", "vmamba_tiny_s1l8"])
     parser.add_argument("--size", type=int, default=224)
@@ -207,7 +211,8 @@ def main() -> None:
     parser.add_argument("--no-scan", action="store_true", help="skip the isolated scan")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("eager timed with glibc malloc controlled: " + " ".join(f"{k}={v}" for k, v in MALLOC.items()))
+    print("eager timed with glibc malloc and numba's pool controlled: "
+          + " ".join(f"{k}={os.environ[k]}" for k in (*MALLOC, "NUMBA_NUM_THREADS")))
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_scan:
             bench_scan(args, Path(tmp))
