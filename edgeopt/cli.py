@@ -104,10 +104,11 @@ def optimize(recipe: Path, profile_name: str, out: Path | None, device: str | No
 # -- export -------------------------------------------------------------------
 @cli.command("export")
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "tensorrt", "pte"]), default="onnx", show_default=True,
+              help="pte: ExecuTorch program (XNNPACK + edgeopt's C++ scan op; needs the op library on the device).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model file.")
 def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
-    """Export RECIPE's trained model (fp32) to ONNX or TFLite and check parity."""
+    """Export RECIPE's trained model (fp32) to ONNX, TFLite or ExecuTorch (.pte) and check parity."""
     from edgeopt.artifact import ModelArtifact, ModelSource
     from edgeopt.data import load_dataset
     from edgeopt.evaluate import artifact_outputs, parity, torch_outputs
@@ -173,7 +174,7 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
 
         runtime = next((r for r, suffixes in MODEL_SUFFIXES.items() if artifact.suffix in suffixes), None)
         if runtime is None:
-            raise InputError(f"unknown model format '{artifact.suffix}' (expected .onnx, .tflite or .engine)")
+            raise InputError(f"unknown model format '{artifact.suffix}' (expected .onnx, .tflite, .pte or .engine)")
         if threads is None:  # on this host, more threads than cores only measures contention
             threads = load_profile(profile_name).threads
             threads = threads if device else min(threads, os.cpu_count() or 1)

@@ -55,6 +55,27 @@ def run_tflite(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
     return np.stack(results)
 
 
+def run_pte(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Runs sample by sample (static batch 1) in ExecuTorch's Python runtime, with edgeopt's op
+    library loaded when the program calls its custom ops (a one-line error if it is not built)."""
+    from executorch.extension.pybindings import portable_lib
+
+    from edgeopt.ops import build_kernels
+    from edgeopt.profiler.bundle import pte_op_libraries
+
+    if pte_op_libraries(path):
+        from edgeopt.ops.scan_op import load_library
+
+        try:
+            load_library()
+        except build_kernels.BuildError as exc:
+            raise InputError(str(exc)) from None
+    portable_lib._unsafe_reset_threadpool(threads)
+    program = portable_lib._load_for_executorch(str(path))
+    samples = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return np.stack([program.forward((s[None],))[0][0].numpy() for s in samples])
+
+
 def artifact_outputs(artifact: ModelArtifact, x: np.ndarray, threads: int = 1) -> np.ndarray:
     if artifact.format == TORCH:
         return torch_outputs(artifact.load_module(), x)
@@ -62,6 +83,8 @@ def artifact_outputs(artifact: ModelArtifact, x: np.ndarray, threads: int = 1) -
         return run_onnx(artifact.path, x, threads)
     if artifact.format == "tflite":
         return run_tflite(artifact.path, x, threads)
+    if artifact.format == "pte":
+        return run_pte(artifact.path, x, threads)
     raise InputError(f"cannot run a {artifact.format} artifact on this host")
 
 

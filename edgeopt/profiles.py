@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgeopt.errors import InputError, unknown_name
 from edgeopt.yamlio import load_model_yaml
 
-Runtime = Literal["tflite", "onnxruntime", "tensorrt"]
+Runtime = Literal["tflite", "onnxruntime", "tensorrt", "executorch"]
 Precision = Literal["fp32", "fp16", "int8", "mixed"]
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"

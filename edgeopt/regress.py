@@ -48,7 +48,8 @@ HOST_KEY = "_host"  # baselines.json entry: the ISA the latency ratios were meas
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
              "amx_int8", "amx_bf16", "asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve")
 
-RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "tflite": "ai_edge_litert", "tensorrt": "tensorrt"}
+RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "tflite": "ai_edge_litert", "tensorrt": "tensorrt",
+                   "executorch": "executorch"}
 
 
 @dataclass

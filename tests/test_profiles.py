@@ -28,7 +28,7 @@ def test_shipped_profiles_validate():
         profile = load_profile(name)
         assert profile.threads <= profile.cpu.cores
     rpi5 = load_profile("rpi5")
-    assert rpi5.runtimes[0] == "tflite" and rpi5.cpu.cores == 4 and rpi5.arch == "aarch64"
+    assert rpi5.runtimes[:2] == ["executorch", "tflite"] and rpi5.cpu.cores == 4 and rpi5.arch == "aarch64"
     assert load_profile("jetson-orin-nano").accelerator.kind == "ampere-gpu"
 
 

@@ -21,8 +21,8 @@ Exporter = Callable[[nn.Module, torch.Tensor, Path], Path]
 EXPORTERS: Registry[Exporter] = Registry("exporter", "edgeopt.exporters")
 
 # file suffix and the runtime that executes each built-in format
-SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "tensorrt": ".engine"}
-RUNTIME_FORMAT = {"onnxruntime": "onnx", "tflite": "tflite", "tensorrt": "tensorrt"}
+SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "tensorrt": ".engine", "pte": ".pte"}
+RUNTIME_FORMAT = {"onnxruntime": "onnx", "tflite": "tflite", "tensorrt": "tensorrt", "executorch": "pte"}
 FORMAT_RUNTIME = {v: k for k, v in RUNTIME_FORMAT.items()}
 
 
@@ -37,4 +37,5 @@ def export(fmt: str, model: nn.Module, example_input: torch.Tensor, path: Path) 
 
 def _load_builtins() -> None:
     from edgeopt.exporters import onnx as _onnx  # noqa: F401
+    from edgeopt.exporters import pte as _pte  # noqa: F401
     from edgeopt.exporters import tflite as _tflite  # noqa: F401

@@ -1,5 +1,7 @@
-"""Mamba's selective scan with four backends: reference loop, chunked (export/training),
-fused CPU kernel (eager inference, `edgeopt.ops.scan_kernel`), CUDA kernel.
+"""Mamba's selective scan with five backends: reference loop, chunked (export/training),
+fused CPU kernel (eager inference, `edgeopt.ops.scan_kernel`), CUDA kernel, and "op": one
+`torch.ops.edgeopt.selective_scan` node that ExecuTorch runs with a C++ kernel
+(`edgeopt.ops.scan_op`; exporters select it with `default_backend("op")`).
 
 Semantics are mamba-ssm's `selective_scan_ref`. Shapes: u, delta, z (B, D, L); A (D, N);
 B, C (B, N, L) or grouped (B, G, N, L) where channel d uses group d // (D // G); D, delta_bias (D,)::
@@ -15,8 +17,9 @@ graph holds O(sqrt(L)) steps: pass 1 finds each chunk's end state from a zero st
 loop over chunks carries the true start state, pass 2 reruns the chunks from their true
 start states and reads out y. Every step multiplies by decays <= 1, so it is as stable as
 the loop (no exp of positive cumulative sums), and every op works on cache-sized slices.
-Cost: about 2x the loop's arithmetic and 2 x (B, D, L, N) floats of decays/inputs held
-between the passes, for ~sqrt(L) sequential steps instead of L.
+Cost: about 2x the loop's arithmetic for ~sqrt(L) sequential steps instead of L. Layout is
+token-major (B, NC, T, D, N); long scans compute each step's decays and inputs when the step
+runs (`_chunked_tokens`), short ones all at once (`_chunked_small`, fewer graph nodes).
 
 That memory traffic bounds the chunked scan in eager mode, so eager CPU inference (no
 autograd, nothing tracing or exporting) runs the fused numba kernel instead: one pass over L
@@ -26,8 +29,11 @@ every exported graph (ONNX, TFLite, torch.export) keep the chunked formulation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import lru_cache
 from types import ModuleType
 
@@ -36,7 +42,9 @@ import torch.nn.functional as F
 
 from edgeopt.errors import unknown_name
 
-BACKENDS = ("reference", "chunked", "fused", "cuda")
+BACKENDS = ("reference", "chunked", "fused", "cuda", "op")
+# the backend a call without an explicit one gets; an exporter sets it for the graph it traces
+_DEFAULT_BACKEND: ContextVar[str | None] = ContextVar("edgeopt_scan_backend", default=None)
 # elements of one sample's (D, L, N) up to which all steps are computed at once; the batch size
 # stays out of the decision so an export with a dynamic batch does not guard on it
 _VECTORIZE_MAX = 1 << 22
@@ -61,6 +69,13 @@ def selective_scan(
     are requested; the kernel does not return them), "fused" for eager CPU inference (no
     autograd, nothing tracing or exporting), else "chunked" (training and exported graphs).
     """
+    backend = backend or _DEFAULT_BACKEND.get()
+    if backend == "op":
+        if return_states:
+            raise ValueError("the scan op does not return hidden states; use backend='chunked'")
+        from edgeopt.ops.scan_op import scan_node
+
+        return scan_node(u, delta, A, B, C, D, z, delta_bias, delta_softplus).to(u.dtype)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     kernel = _fused_kernel() if backend in (None, "fused") else None
     if backend is None:
@@ -88,6 +103,19 @@ def selective_scan(
     y, states = scan(u, delta, A.float(), Bg, Cg, return_states)
     out = _finish(y, u, D, z).to(dtype)
     return (out, states) if return_states else out
+
+
+@contextlib.contextmanager
+def default_backend(backend: str | None) -> Iterator[None]:
+    """Within the block, calls that name no backend use `backend` (e.g. "op" while the ExecuTorch
+    exporter traces a model, so every SS2D becomes one scan node); modules need no flag."""
+    if backend is not None and backend not in BACKENDS:
+        raise unknown_name("selective-scan backend", backend, BACKENDS)
+    token = _DEFAULT_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _DEFAULT_BACKEND.reset(token)
 
 
 def _prepare(
@@ -165,52 +193,69 @@ def _chunked(
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Two-pass chunked recurrence (see module docstring). Shapes are static, so it traces."""
-    batch, dim, length = u.shape
-    groups, nstate = B.shape[1], A.shape[1]
+    dim, length, nstate = u.shape[1], u.shape[2], A.shape[1]
     T = chunk or chunk_size(length)
     NC = -(-length // T)
     pad = NC * T - length
     if pad:  # padded steps have delta = 0: decay 1, input 0, so they change nothing before them
         u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
         B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
-    dg = dim // groups
     if dim * NC * T * nstate <= _VECTORIZE_MAX:
         return _chunked_small(u, delta, A, B, C, want_states, T, length)
-    # Layout (B, G, dg, NC, T, N): token l = chunk * T + step; every reshape below is a view,
-    # and a step is a strided slice along T (no transposing copies).
-    dt = delta.reshape(batch, groups, dg, NC, T, 1)
-    du = (delta * u).reshape(batch, groups, dg, NC, T, 1)
-    Bt = B.reshape(batch, groups, nstate, NC, T).permute(0, 1, 3, 4, 2).unsqueeze(2)  # (B, G, 1, NC, T, N)
-    Ct = C.reshape(batch, groups, nstate, NC, T).permute(0, 1, 3, 4, 2).unsqueeze(2)
-    Ag = A.reshape(groups, dg, 1, 1, nstate)
+    return _chunked_tokens(u, delta, A, B, C, want_states, T, length)
 
-    # Pass 1: every chunk from a zero state; keep each step's decay and input for pass 2.
-    # Step by step so each op stays in cache (one (B, D, L, N) op is memory-bound).
-    decays = [torch.exp(d * Ag) for d in dt.split(1, dim=4)]
-    inputs = [d * b for d, b in zip(du.split(1, dim=4), Bt.split(1, dim=4), strict=True)]
-    h = torch.zeros(batch, groups, dg, NC, 1, nstate, dtype=u.dtype, device=u.device)
-    for t in range(T):
-        h = torch.addcmul(inputs[t], decays[t], h)
-    chunk_decay = torch.exp(dt.sum(4, keepdim=True) * Ag)  # (B, G, dg, NC, 1, N)
 
-    # Carry true start states across chunks (NC short steps on (B, G, dg, N)).
-    ends, totals = h.split(1, dim=3), chunk_decay.split(1, dim=3)
-    starts = [torch.zeros_like(ends[0])]
-    for c in range(NC - 1):
-        starts.append(torch.addcmul(ends[c], totals[c], starts[-1]))
-    h = torch.cat(starts, dim=3)
+def _chunked_tokens(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    want_states: bool,
+    T: int,
+    length: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked scan for long sequences, token-major and per step.
 
-    # Pass 2: rerun every chunk from its true start state and read out y.
+    Layout (B, NC, T, D, N) as `_chunked_small`, but a step's decays and inputs are computed when
+    the step runs, in both passes, so no (B, D, L, N) tensor is held across the passes: peak memory
+    is a few (B, NC, D, N) step tensors instead of two full decay/input tensors (2 x 154 MB at
+    VMamba-T's first stage), for twice the exps. The readout is one batched MatMul per step.
+    """
+    _, dim, padded = u.shape
+    groups, nstate = B.shape[1], A.shape[1]
+    dg, NC = dim // groups, padded // T
+    # every tensor stays at most 5-D (LiteRT slices at most 5-D)
+    dt = delta.transpose(1, 2).reshape(-1, NC, T, dim, 1)  # (B, NC, T, D, 1)
+    du = (delta * u).transpose(1, 2).reshape(-1, NC, T, dim)
+    Bt = B.permute(0, 3, 1, 2).reshape(-1, NC, T, groups, nstate)
+    Ct = C.permute(0, 3, 1, 2).reshape(-1, NC, T, groups, nstate)
+    dts, dus, Bs, Cs = dt.unbind(2), du.unbind(2), Bt.unbind(2), [c.unsqueeze(-1) for c in Ct.unbind(2)]
+
+    def decay(t: int) -> torch.Tensor:  # (B, NC, D, N)
+        return torch.exp(dts[t] * A)
+
+    def step_input(t: int) -> torch.Tensor:
+        return (dus[t].reshape(-1, NC, groups, dg, 1) * Bs[t].unsqueeze(3)).reshape(-1, NC, dim, nstate)
+
+    h = None
+    if NC > 1:  # pass 1 (chunk end states from a zero start), then carry the true start states
+        h = step_input(0)
+        for t in range(1, T):
+            h = torch.addcmul(step_input(t), decay(t), h)
+        ends, totals = h.split(1, 1), torch.exp(dt.sum(2) * A).split(1, 1)
+        starts = [ends[0]]  # the state entering chunk c + 1
+        for c in range(1, NC - 1):
+            starts.append(torch.addcmul(ends[c], totals[c], starts[-1]))
+        h = F.pad(torch.cat(starts, dim=1), (0, 0, 0, 0, 1, 0))  # chunk 0 starts from zero
     ys, hs = [], []
-    for t, c in enumerate(Ct.split(1, dim=4)):
-        h = torch.addcmul(inputs[t], decays[t], h)
-        ys.append((h * c).squeeze(-1) if nstate == 1 else (h * c).sum(-1))
+    for t in range(T):
+        h = step_input(t) if h is None else torch.addcmul(step_input(t), decay(t), h)
+        ys.append(torch.matmul(h.reshape(-1, NC, groups, dg, nstate), Cs[t]).reshape(-1, NC, dim))
         if want_states:
             hs.append(h)
-    y = torch.cat(ys, dim=4).reshape(batch, dim, NC * T)[:, :, :length]
-    states = None
-    if want_states:
-        states = torch.cat(hs, dim=4).reshape(batch, dim, NC * T, nstate)[:, :, :length]
+    y = torch.stack(ys, dim=2).reshape(-1, padded, dim).transpose(1, 2)[:, :, :length]
+    states = torch.stack(hs, dim=2).reshape(-1, padded, dim, nstate).transpose(1, 2)[:, :, :length] if want_states else None
     return y, states
 
 

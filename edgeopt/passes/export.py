@@ -23,7 +23,8 @@ HOST_FORMATS = ("onnx", "tflite")
 
 
 class ExportConfig(PassConfig):
-    format: Literal["auto", "onnx", "tflite"] = "auto"
+    # pte (ExecuTorch, custom scan op) is chosen by name; auto stays on the portable formats
+    format: Literal["auto", "onnx", "tflite", "pte"] = "auto"
     parity_samples: int = Field(256, ge=1)
     max_rel_error: float = Field(1e-4, gt=0, description="max |error| / max |reference output|")
     min_top1_agreement: float = Field(0.99, ge=0, le=1)

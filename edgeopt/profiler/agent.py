@@ -48,6 +48,8 @@ RUNTIME_PACKAGES = (
     "tflite-runtime",
     "tensorrt",
     "cuda-python",
+    "executorch",
+    "torch",
 )
 
 
@@ -138,6 +140,7 @@ def device_facts() -> dict:
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "runtimes": runtime_versions(),
+        "op_libraries": op_library_facts(),
     }
 
 
@@ -242,6 +245,100 @@ class TFLiteModel:
         self.interp.set_tensor(self.input["index"], batch.astype(dtype, copy=False))
         self.interp.invoke()
         return self.interp.get_tensor(self.output["index"])
+
+
+# ---------------------------------------------------------------- ExecuTorch
+#
+# ExecuTorch's Python runtime links libtorch and takes torch tensors, so torch is imported here
+# only, for .pte bundles; every other runtime stays torch-free. A bundle whose program calls
+# edgeopt's custom ops (meta.json `op_libraries`) needs the kernel library built on this device
+# from the bundle's ops/ sources (ops/build_kernels.py, g++) against this exact executorch.
+
+EXECUTORCH_INSTALL = "pip install 'executorch==1.4.*' torch==2.13.0 (or devices/setup-rpi-os.sh with EDGEOPT_PTE=1)"
+
+
+def op_library_dirs(bundle: str | None = None) -> list:
+    """Where built op libraries are looked for, in order ($EDGEOPT_OPS_DIR, the user cache, the bundle)."""
+    dirs = [os.environ.get("EDGEOPT_OPS_DIR"), os.path.join(os.path.expanduser("~"), ".cache", "edgeopt", "ops")]
+    if bundle:
+        dirs.append(os.path.join(bundle, "ops", "lib"))
+    return [d for d in dirs if d]
+
+
+def _op_library_stamp(directory: str, name: str) -> dict | None:
+    lib, stamp = os.path.join(directory, f"lib{name}.so"), os.path.join(directory, f"{name}.json")
+    if not (os.path.isfile(lib) and os.path.isfile(stamp)):
+        return None
+    try:
+        with open(stamp, encoding="utf-8") as f:
+            return dict(json.load(f), path=lib)
+    except (OSError, ValueError):
+        return None
+
+
+def op_library_facts() -> dict:
+    """Built op libraries on this device and whether they match its executorch/torch."""
+    versions = runtime_versions()
+    found = {}
+    for directory in op_library_dirs():
+        for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+            name = os.path.basename(path)[:-5]
+            stamp = _op_library_stamp(directory, name)
+            if stamp is None or name in found:
+                continue
+            usable = all(stamp.get(k) == versions.get(k) for k in ("executorch", "torch"))
+            found[name] = {"path": stamp["path"], "executorch": stamp.get("executorch"), "torch": stamp.get("torch"),
+                           "usable": usable}
+    return found
+
+
+def find_op_library(need: dict, bundle: str | None = None) -> str:
+    """Path of a built library matching `need` (meta.json op_libraries entry) and this executorch/torch,
+    or a one-line missing_op_library error naming what to build or install."""
+    name, versions = need["name"], runtime_versions()
+    for directory in op_library_dirs(bundle):
+        stamp = _op_library_stamp(directory, name)
+        if stamp and stamp.get("source_sha256") == need.get("source_sha256") and all(
+            stamp.get(k) == versions.get(k) for k in ("executorch", "torch")
+        ):
+            return stamp["path"]
+    build = os.path.join(bundle or ".", "ops", "build_kernels.py")
+    raise AgentError(
+        "missing_op_library",
+        f"this .pte calls {', '.join(need.get('ops', []))} from op library '{name}', which is not built for "
+        f"executorch {versions.get('executorch')} / torch {versions.get('torch')} here "
+        f"(looked in {', '.join(op_library_dirs(bundle))}): build it with {sys.executable} {build} "
+        f"(needs g++; devices/setup-rpi-os.sh with EDGEOPT_OPS_SRC does it)",
+    )
+
+
+class ExecuTorchModel:
+    """A .pte program in ExecuTorch's Python runtime, XNNPACK delegate and custom ops included."""
+
+    def __init__(self, path: str, threads: int, meta: dict) -> None:
+        try:
+            import torch
+            from executorch.extension.pybindings import portable_lib
+        except ImportError as exc:
+            raise _missing("executorch", EXECUTORCH_INSTALL, exc) from None
+        import ctypes
+
+        self.torch = torch
+        self.version = metadata.version("executorch")
+        libraries = meta.get("op_libraries") or []
+        for need in libraries:  # after portable_lib: the kernels register into its operator table
+            ctypes.CDLL(find_op_library(need, meta.get("_bundle_dir")), mode=ctypes.RTLD_GLOBAL)
+        portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's and the custom kernels' pool
+        torch.set_num_threads(threads)
+        self.providers = ["XNNPACK/CPU"] + [f"ops:{need['name']}" for need in libraries]
+        try:
+            self.module = portable_lib._load_for_executorch(path)
+        except RuntimeError as exc:
+            raise AgentError("bad_model", f"ExecuTorch cannot load {path}: {_one_line(exc)}") from None
+
+    def run(self, batch):
+        x = self.torch.from_numpy(batch.astype("float32", copy=False))
+        return self.module.forward((x,))[0].numpy()
 
 
 # ---------------------------------------------------------------- TensorRT engines
@@ -504,7 +601,8 @@ class TensorRTModel:
         return out
 
 
-RUNTIMES = {"onnxruntime": OnnxRuntimeModel, "tflite": TFLiteModel, "tensorrt": TensorRTModel}
+RUNTIMES = {"onnxruntime": OnnxRuntimeModel, "tflite": TFLiteModel, "tensorrt": TensorRTModel,
+            "executorch": ExecuTorchModel}
 
 
 def _pick(items, name, what, key):
@@ -594,6 +692,7 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
         raise AgentError("bad_bundle", f"{bundle} is not a bundle (no meta.json)")
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
+    meta["_bundle_dir"] = os.path.abspath(bundle)
     runtime = meta["runtime"]
     if runtime not in RUNTIMES:
         raise AgentError("bad_bundle", f"unknown runtime '{runtime}' (known: {', '.join(RUNTIMES)})")

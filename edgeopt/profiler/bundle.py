@@ -1,9 +1,11 @@
 """A bundle is everything the device needs to profile one model, in one directory.
 
-    model.<onnx|tflite|engine>   the artifact
+    model.<onnx|tflite|engine|pte>  the artifact
     eval.npz                     x (inputs) and y (integer labels) of the eval split
-    meta.json                    runtime, threads, batch size, tensor names, ids
+    meta.json                    runtime, threads, batch size, tensor names, ids, op libraries
     agent.py                     the device-side agent (stdlib + numpy + runtime)
+    ops/                         for a .pte calling edgeopt's custom ops: the kernel source and
+                                 its stdlib-only builder, so the device builds the op library
 
 A `tensorrt` bundle normally carries the ONNX model plus its `precision`
 (fp32/fp16/int8/mixed) rather than an engine: engines only run on the GPU and
@@ -27,7 +29,8 @@ import numpy as np
 from edgeopt.errors import InputError, unknown_name
 
 AGENT_PATH = Path(__file__).with_name("agent.py")
-MODEL_SUFFIXES = {"onnxruntime": (".onnx",), "tflite": (".tflite",), "tensorrt": (".engine", ".plan", ".trt", ".onnx")}
+MODEL_SUFFIXES = {"onnxruntime": (".onnx",), "tflite": (".tflite",), "tensorrt": (".engine", ".plan", ".trt", ".onnx"),
+                  "executorch": (".pte",)}
 BUNDLE_FORMAT = 1
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8", "mixed")  # = agent.TRT_PRECISIONS
 # int8 forms TensorRT cannot build: onnxruntime's dynamic quantization and QOperator format
@@ -145,6 +148,25 @@ def _qdq_place(index: int, node, consumers: dict[str, list]) -> str:
     return f"{node.op_type} #{index} (into {', '.join(sorted(into)) or 'the graph output'})"
 
 
+def pte_op_libraries(model_path: Path) -> list[dict]:
+    """The op libraries a .pte program needs (its operator table names `edgeopt::` ops): name,
+    ops and the kernel source hash the device's build must match. [] for a standard-op program."""
+    if Path(model_path).suffix != ".pte" or b"edgeopt::" not in Path(model_path).read_bytes():
+        return []
+    from edgeopt.ops import build_kernels
+
+    return [{"name": build_kernels.LIBRARY, "ops": list(build_kernels.OPS),
+             "source_sha256": _sha256(build_kernels.SOURCE)}]
+
+
+def _copy_op_sources(bundle_dir: Path) -> None:
+    from edgeopt.ops import build_kernels
+
+    (bundle_dir / "ops" / "csrc").mkdir(parents=True)
+    shutil.copyfile(build_kernels.__file__, bundle_dir / "ops" / "build_kernels.py")
+    shutil.copyfile(build_kernels.SOURCE, bundle_dir / "ops" / "csrc" / build_kernels.SOURCE.name)
+
+
 def _eval_arrays(eval_x: np.ndarray, eval_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(eval_x), np.asarray(eval_y)  # torch CPU tensors convert too
     if x.ndim < 2 or len(x) == 0:
@@ -201,6 +223,7 @@ def make_bundle(
         if not extra.is_file():
             raise InputError(f"extra bundle file not found: {extra}")
     x, y = _eval_arrays(eval_x, eval_y)
+    op_libraries = pte_op_libraries(model_path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -211,6 +234,8 @@ def make_bundle(
             shutil.copyfile(extra, tmp / extra.name)
         np.savez(tmp / "eval.npz", x=x, y=y)
         shutil.copyfile(AGENT_PATH, tmp / "agent.py")
+        if op_libraries:
+            _copy_op_sources(tmp)
         model_sha, eval_sha = _sha256(tmp / model_name), _sha256(tmp / "eval.npz")
         meta = {
             "format": BUNDLE_FORMAT,
@@ -232,6 +257,8 @@ def make_bundle(
             meta["labels"] = False
         if precision is not None:
             meta["precision"] = precision
+        if op_libraries:
+            meta["op_libraries"] = op_libraries
         key = json.dumps({k: v for k, v in meta.items() if k != "source_model"}, sort_keys=True)
         meta["bundle_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

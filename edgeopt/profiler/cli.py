@@ -25,7 +25,10 @@ RUNTIME_PACKAGES = {
     "tflite": ("ai-edge-litert", "tflite-runtime"),
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
     "tensorrt": ("tensorrt",),
+    "executorch": ("executorch",),
 }
+# opt-in runtimes: only `format: pte` uses ExecuTorch, so a board without it still passes `devices check`
+OPTIONAL_RUNTIMES = ("executorch",)
 
 _INVENTORY_KEY = "edgeopt.profiler.inventory"
 
@@ -90,7 +93,18 @@ def _missing_runtimes(device: Device, installed: dict[str, str]) -> list[str] | 
         wanted = load_profile(device.profile).runtimes
     except InputError:
         return None
-    return [r for r in wanted if not any(p in installed for p in RUNTIME_PACKAGES[r])]
+    return [r for r in wanted if r not in OPTIONAL_RUNTIMES and not any(p in installed for p in RUNTIME_PACKAGES[r])]
+
+
+def _executorch_row(facts: dict) -> str:
+    """Whether the board runs .pte bundles: ExecuTorch (+ torch) and the op libraries built for it."""
+    runtimes = facts.get("runtimes", {})
+    if "executorch" not in runtimes:
+        return "not installed (format pte only; devices/setup-rpi-os.sh with EDGEOPT_PTE=1 installs it)"
+    libraries = facts.get("op_libraries") or {}
+    built = ", ".join(f"{name} {'ok' if lib.get('usable') else 'STALE (built for executorch ' + str(lib.get('executorch')) + ')'}"
+                      for name, lib in sorted(libraries.items()))
+    return f"{runtimes['executorch']} (torch {runtimes.get('torch', 'missing')}); op libraries: {built or 'none built'}"
 
 
 @devices.command("check")
@@ -108,6 +122,7 @@ def check(ctx: click.Context, name: str) -> None:
         "board / cpu": f"{facts.get('board') or '-'} / {facts.get('cpu_model')} x{facts.get('cores')}",
         "python": f"{facts.get('python')} ({facts.get('python_executable')})",
         "runtimes": ", ".join(f"{k} {v}" for k, v in sorted(runtimes.items())) or "none",
+        "executorch": _executorch_row(facts),
         "free memory": f"{facts.get('mem_available_mb')} / {facts.get('mem_total_mb')} MB",
         "governor": facts.get("governor") or "-",
         "temperature": f"{max(temps.values()):.1f} C" if temps else "-",

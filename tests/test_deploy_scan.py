@@ -1,0 +1,199 @@
+"""The deployable scan: C++ kernel vs the reference loop, `.pte` export with one scan node per SS2D,
+a .pte bundle in the profiler agent (parity, missing op library), and the standard-op graphs
+without the op library."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("executorch.extension.pybindings.portable_lib")
+
+from edgeopt.evaluate import parity, run_onnx, run_pte  # noqa: E402
+from edgeopt.exporters import export  # noqa: E402
+from edgeopt.exporters.pte import op_names  # noqa: E402
+from edgeopt.models.ss2d import SS2D  # noqa: E402
+from edgeopt.ops import build_kernels  # noqa: E402
+from edgeopt.ops.selective_scan import default_backend, selective_scan  # noqa: E402
+from edgeopt.profiler.bundle import make_bundle  # noqa: E402
+
+SCAN = "edgeopt::selective_scan.out"
+
+
+@pytest.fixture(scope="module")
+def kernel_library():
+    """The op library as `make setup` builds it (a no-op when it is up to date)."""
+    return build_kernels.build()
+
+
+def scan_inputs(batch, dim, length, nstate, groups, with_z, with_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        u=torch.randn(batch, dim, length, generator=g),
+        delta=torch.randn(batch, dim, length, generator=g) * 0.5,
+        A=-torch.exp(torch.randn(dim, nstate, generator=g)),
+        B=torch.randn(batch, groups, nstate, length, generator=g) if groups else torch.randn(batch, nstate, length),
+        C=torch.randn(batch, groups, nstate, length, generator=g) if groups else torch.randn(batch, nstate, length),
+        D=torch.randn(dim, generator=g),
+        z=torch.randn(batch, dim, length, generator=g) if with_z else None,
+        delta_bias=torch.randn(dim, generator=g) - 2 if with_bias else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "batch, dim, length, nstate, groups, with_z, with_bias",
+    [
+        (2, 8, 37, 16, 4, True, True),  # VMamba v0: N = 16, B/C grouped per direction, z, delta_bias
+        (1, 12, 50, 1, 3, False, True),  # vmamba_tiny_s1l8: N = 1, no z
+        (2, 6, 23, 5, 0, True, False),  # ungrouped (B, N, L), an N with no specialised path
+        (1, 40, 1, 16, 2, False, False),  # one token, channel count over one work block
+        (1, 4, 4000, 16, 1, True, True),  # long L: the state carries over thousands of steps
+        (1, 4, 4000, 1, 2, False, True),
+    ],
+)
+def test_cpp_kernel_matches_reference_loop(kernel_library, batch, dim, length, nstate, groups, with_z, with_bias):
+    from edgeopt.ops.scan_op import cpp_selective_scan
+
+    x = scan_inputs(batch, dim, length, nstate, groups, with_z, with_bias)
+    want = selective_scan(**x, delta_softplus=True, backend="reference")
+    got = cpp_selective_scan(**x, delta_softplus=True)
+    assert got.shape == want.shape
+    assert rel_error(got, want) <= 1e-5
+    # without softplus, delta (kept positive, so the scan stays stable) is used as given
+    x["delta"], x["delta_bias"] = x["delta"].abs(), None
+    want = selective_scan(**x, delta_softplus=False, backend="reference")
+    assert rel_error(cpp_selective_scan(**x), want) <= 1e-5
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_scan_op_is_one_export_node_with_eager_semantics():
+    import edgeopt.ops.scan_op  # noqa: F401
+
+    torch.manual_seed(0)
+    block = SS2D(d_model=8, d_state=4).eval()
+    x = torch.randn(1, 5, 6, 8)
+    with torch.no_grad(), default_backend("op"):
+        program = torch.export.export(block, (x,))
+        eager_op = block(x)  # the op's PyTorch implementation
+    targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    assert targets["edgeopt.selective_scan.default"] == 1
+    with torch.no_grad():
+        want = block(x)
+        assert (program.module()(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (eager_op - want).abs().max() <= 1e-5 * want.abs().max()
+    with pytest.raises(ValueError, match="hidden states"), default_backend("op"):
+        block(x, return_states=True)
+
+
+class TinySS2DNet(nn.Module):
+    """Two SS2D blocks (v0 with N = 16, v05_noz with N = 1) and a 10-way head: export-test sized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 4, stride=4)
+        self.v0 = SS2D(d_model=16, d_state=16, forward_type="v0")
+        self.noz = SS2D(d_model=16, d_state=1, ssm_ratio=1.0, forward_type="v05_noz", conv_bias=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).permute(0, 2, 3, 1)
+        h = h + self.v0(h)
+        h = h + self.noz(h)
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, kernel_library):
+    """The net, eval inputs labelled by its own eager top-1, and its .pte export (scan op)."""
+    torch.manual_seed(0)
+    model = TinySS2DNet().eval()
+    x = torch.randn(6, 1, 16, 16)
+    with torch.no_grad():
+        want = model(x).numpy()
+    out = tmp_path_factory.mktemp("pte")
+    custom = export("pte", model, x, out / "custom.pte")
+    return model, x.numpy(), want, custom, out
+
+
+def test_pte_export_holds_one_scan_node_per_ss2d_and_matches_eager(tiny):
+    model, x, want, custom, _ = tiny
+    assert Counter(op_names(custom))[SCAN] == 2
+    check = parity(want, run_pte(custom, x))
+    assert check["max_rel"] <= 1e-4 and check["top1_agreement"] == 1.0
+
+
+def run_agent(bundle, env=None):
+    result = subprocess.run([sys.executable, str(bundle / "agent.py"), str(bundle), "--runs", "3", "--min-seconds",
+                             "0", "--warmup", "1"], capture_output=True, text=True, env=env, timeout=300)
+    return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_pte_bundle_runs_in_agent_with_parity(tiny):
+    _, x, want, custom, out = tiny
+    bundle = make_bundle(custom, "executorch", x, want.argmax(1), out / "bundle", threads=2)
+    meta = json.loads((bundle / "meta.json").read_text())
+    assert [lib["name"] for lib in meta["op_libraries"]] == [build_kernels.LIBRARY]
+    assert (bundle / "ops" / "build_kernels.py").is_file() and (bundle / "ops" / "csrc" / "selective_scan.cpp").is_file()
+    code, result = run_agent(bundle)
+    assert code == 0, result
+    assert result["runtime"] == "executorch" and result["runs"] >= 3
+    assert result["accuracy"]["top1"] == 1.0  # labels are eager's top-1: the device run agrees on every sample
+    assert result["latency_ms"]["p50"] > 0 and result["peak_rss_mb"] > 0
+    assert result["device"]["op_libraries"][build_kernels.LIBRARY]["usable"] is True
+
+
+def test_missing_op_library_is_one_line_naming_the_build(tiny, tmp_path):
+    _, x, want, custom, out = tiny
+    bundle = make_bundle(custom, "executorch", x, want.argmax(1), out / "bundle-missing", threads=1)
+    env = dict(os.environ, HOME=str(tmp_path), EDGEOPT_OPS_DIR=str(tmp_path / "empty"))
+    code, result = run_agent(bundle, env)
+    assert code == 3 and result["kind"] == "missing_op_library"
+    assert "edgeopt_ops" in result["error"] and "build_kernels.py" in result["error"] and "\n" not in result["error"]
+
+
+def test_standard_op_onnx_graph_needs_no_op_library(tiny):
+    """The portable default: ONNX export holds no custom op and matches eager."""
+    import onnx
+
+    model, x, want, _, out = tiny
+    path = export("onnx", model, torch.from_numpy(x), out / "model.onnx")
+    assert not {n.domain for n in onnx.load(str(path)).graph.node} - {"", "ai.onnx"}
+    check = parity(want, run_onnx(path, x))
+    assert check["max_rel"] <= 1e-4 and check["top1_agreement"] == 1.0
+
+
+def test_stale_library_is_not_used(tmp_path, kernel_library):
+    """A library built for another executorch (or from another source) is ignored, not loaded."""
+    import shutil
+
+    for name in (build_kernels.library_name(), f"{build_kernels.LIBRARY}.json"):
+        shutil.copyfile(kernel_library.with_name(name), tmp_path / name)
+    assert build_kernels.find_library(tmp_path) == tmp_path / build_kernels.library_name()
+    stamp = json.loads((tmp_path / f"{build_kernels.LIBRARY}.json").read_text())
+    (tmp_path / f"{build_kernels.LIBRARY}.json").write_text(json.dumps(dict(stamp, executorch="1.3.0")))
+    assert build_kernels.find_library(tmp_path) is None
+
+
+def test_default_backend_rejects_unknown_name():
+    with pytest.raises(Exception, match="selective-scan backend"), default_backend("nope"):
+        pass
+
+
+def test_kernel_library_rejects_bad_shapes(kernel_library):
+    from edgeopt.ops.scan_op import cpp_selective_scan
+
+    x = scan_inputs(1, 6, 10, 4, 4, False, False)  # 6 channels do not split into 4 groups
+    with pytest.raises(ValueError, match="rejected shapes"):
+        cpp_selective_scan(**x)
+    assert np.isfinite(cpp_selective_scan(**scan_inputs(1, 8, 10, 4, 4, False, False)).numpy()).all()
