@@ -42,9 +42,13 @@ def build_report(
                 "pass_metrics": m.get("pass", {}),
             }
         )
+    from edgeopt.profiler.runners import is_emulated
+
     return {
         "recipe": recipe_name,
         "profile": profile_name,
+        # latency and memory measured under an emulator: not device figures, never compared with any
+        "emulated": any(is_emulated(step.metrics["profile"]) for step in steps),
         "steps": rows,
         "budgets": checks,
         "passed": all(c["ok"] for c in checks.values()),
@@ -69,6 +73,8 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     return read_json(path)
 
 
+EMULATED_NOTE = ("**Emulated board** (qemu-user): latency and memory are the emulator's, not the device's; "
+                 "they are not checked against budgets or compared with other hosts. Accuracy is real.")
 TABLE_COLUMNS = ["step", "format", "params", "size MB", "top-1 %", "Δ pts", "p50 ms", "p90 ms", "speedup", "peak MB"]
 
 
@@ -109,6 +115,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| " + " | ".join(TABLE_COLUMNS) + " |",
         "|" + "---|" * len(TABLE_COLUMNS),
     ]
+    if report.get("emulated"):
+        lines[2:2] = [EMULATED_NOTE, ""]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
     lines += ["", "## Budgets", "", "| budget | measured | limit | verdict |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in budget_rows(report)]
