@@ -6,7 +6,7 @@ PIP     = $(VENV)/bin/pip
 # The CPU build of torch lies on this disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN = torch==2.13.0
 
-.PHONY: setup test lint clean regress-update
+.PHONY: setup test lint clean regress-update emulated-rpi5 emulated-rpi5-stop test-board
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,27 @@ setup:
 	$(PIP) install $(TORCH_PIN)
 	$(PIP) install -e '.[dev]' $(TORCH_PIN)
 
-test:
+test: test-board
 	$(VENV)/bin/ruff check edgeopt tests benchmarks
 	$(PY) -m pytest -q
 	$(VENV)/bin/edgeopt regress
 
 regress-update:
 	$(VENV)/bin/edgeopt regress --update
+
+# An emulated Raspberry Pi 5 (arm64 root under qemu-user, cached in /var/cache/edgeopt) reached over ssh.
+emulated-rpi5:
+	devices/emulated-rpi5.sh up
+
+emulated-rpi5-stop:
+	devices/emulated-rpi5.sh stop
+
+# `make test` starts the board where this host can (root, binfmt_misc) and its tests skip where it
+# cannot (exit 2); in CI (CI=true) a board that cannot run fails, and so does any failed build.
+test-board:
+	@devices/emulated-rpi5.sh up || { rc=$$?; \
+	  if [ $$rc = 2 ] && [ "$${CI:-}" != true ]; then echo "emulated board unavailable here: its tests skip"; \
+	  else exit $$rc; fi; }
 
 lint:
 	$(VENV)/bin/ruff check edgeopt tests benchmarks

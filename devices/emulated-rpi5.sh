@@ -65,19 +65,39 @@ need_host() {
 }
 
 mount_api() {
-  # XNNPACK's cpuinfo reads /sys/devices/system/cpu; sshd needs /dev and /proc.
+  # XNNPACK's cpuinfo reads /sys/devices/system/cpu; sshd needs /dev and /proc; the agent spots
+  # qemu through /proc/sys/fs/binfmt_misc, a submount of /proc (hence --rbind).
   local fs
-  for fs in proc sys dev dev/pts; do
+  for fs in proc sys dev; do
     mkdir -p "$ROOT/$fs"
-    mountpoint -q "$ROOT/$fs" || mount --bind "/$fs" "$ROOT/$fs"
+    mountpoint -q "$ROOT/$fs" || mount --rbind "/$fs" "$ROOT/$fs"
   done
+}
+
+write_cpuinfo() {
+  # qemu-user shows the host's /proc/cpuinfo; cpuinfo (inside XNNPACK and onnxruntime) then finds
+  # no ARM cores and LiteRT >= 2.3 crashes. A Raspberry Pi 5's (Cortex-A76, MIDR 0x414fd0b1), one
+  # entry per host CPU, is bound over it; its Model line says the board is emulated.
+  local n i
+  n="$(grep -c '^processor' /proc/cpuinfo)"
+  {
+    for ((i = 0; i < n; i++)); do
+      printf 'processor\t: %d\nBogoMIPS\t: 108.00\n' "$i"
+      printf 'Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\n'
+      printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n'
+    done
+    printf 'Model\t\t: Raspberry Pi 5 (emulated by qemu-user on %s, devices/emulated-rpi5.sh)\n' "$(uname -m)"
+  } >"$DIR/cpuinfo"
+  mountpoint -q "$ROOT/proc/cpuinfo" || mount --bind "$DIR/cpuinfo" "$ROOT/proc/cpuinfo"
 }
 
 umount_api() {
   local fs
-  for fs in dev/pts dev sys proc; do
-    if mountpoint -q "$ROOT/$fs" 2>/dev/null; then umount -l "$ROOT/$fs"; fi
+  for fs in dev sys proc; do
+    if mountpoint -q "$ROOT/$fs" 2>/dev/null; then umount -R -l "$ROOT/$fs"; fi
   done
+  # never delete or rebuild over a root that still has the host's /dev, /proc or /sys inside
+  if grep -q " $ROOT/" /proc/mounts; then fail "cannot unmount the host's file systems from $ROOT"; fi
 }
 
 in_root() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root LANG=C.UTF-8 "$@"; }
@@ -86,7 +106,7 @@ build_root() {
   # debootstrap, a user `pi` with a venv holding the agent's runtimes (aarch64 wheels from PyPI).
   local tmp="$DIR/root.partial"
   umount_api
-  rm -rf "$tmp" "$ROOT"
+  rm -rf --one-file-system "$tmp" "$ROOT"
   debootstrap --arch=arm64 --variant=minbase --include="$DEB_PACKAGES" "$SUITE" "$tmp" "$MIRROR" \
     >"$DIR/debootstrap.log" 2>&1 || fail "debootstrap failed; see $DIR/debootstrap.log"
   mv "$tmp" "$ROOT"
@@ -141,6 +161,7 @@ write_keys() {
     ssh-keygen -q -t ed25519 -N '' -C "$ALIAS" -f "$ROOT/etc/ssh/ssh_host_ed25519_key"
   fi
   [ -f "$DIR/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C "edgeopt@$ALIAS" -f "$DIR/id_ed25519"
+  in_root usermod -p '*' "$BOARD_USER"  # no password, but not locked: sshd admits it by key only
   local home="$ROOT/home/$BOARD_USER"
   install -d -m 700 "$home/.ssh"
   install -m 600 "$DIR/id_ed25519.pub" "$home/.ssh/authorized_keys"
@@ -177,15 +198,16 @@ start_sshd() {
   fi
   stop_sshd
   mount_api
+  write_cpuinfo
   write_keys
   mkdir -p "$ROOT/run/sshd"
   local port
   port="$(free_port)"
   # The root's own arm64 sshd, chrooted: each session's shell and python are arm64 binaries too.
-  chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin LANG=C.UTF-8 /usr/sbin/sshd \
+  setsid chroot "$ROOT" /usr/bin/env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin LANG=C.UTF-8 /usr/sbin/sshd \
     -D -e -p "$port" -o ListenAddress=127.0.0.1 -o PasswordAuthentication=no \
     -o KbdInteractiveAuthentication=no -o UsePAM=no -o PermitRootLogin=no \
-    -h /etc/ssh/ssh_host_ed25519_key -o PidFile=none >"$DIR/sshd.log" 2>&1 &
+    -h /etc/ssh/ssh_host_ed25519_key -o PidFile=none </dev/null >"$DIR/sshd.log" 2>&1 &
   echo $! >"$DIR/sshd.pid"
   echo "$port" >"$DIR/port"
   write_ssh_config "$port"
@@ -194,6 +216,7 @@ start_sshd() {
     sshd_running || fail "sshd exited; see $DIR/sshd.log"
     sleep 1
   done
+  stop_sshd
   fail "sshd does not answer on 127.0.0.1:$port; see $DIR/sshd.log"
 }
 

@@ -160,8 +160,8 @@ def device_facts() -> dict:
     max_khz = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
     emulated = emulation()
     cpu_model = _cpu_model()
-    if emulated:  # /proc/cpuinfo is the host's: say so rather than pass it off as the board's
-        cpu_model = f"{cpu_model} (host {emulated['host_arch']} CPU, {emulated['guest_arch']} emulated)"
+    if emulated:  # never pass the host's CPU (or a stand-in /proc/cpuinfo) off as the board's
+        cpu_model = f"{cpu_model} [{emulated['guest_arch']} emulated on a {emulated['host_arch']} host]"
     return {
         "hostname": platform.node(),
         "arch": platform.machine(),

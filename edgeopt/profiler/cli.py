@@ -117,6 +117,8 @@ def check(ctx: click.Context, name: str) -> None:
         "temperature": f"{max(temps.values()):.1f} C" if temps else "-",
         "power mode": facts.get("jetson_power_mode") or "-",
     }
+    if emulated:
+        rows["emulated"] = f"{emulated['host_facts']}; latency and memory are not device figures"
     console = _console()
     for key, value in rows.items():
         console.print(f"{key:>12}: {value}", highlight=False)
