@@ -314,9 +314,18 @@ def budgets_for(recipe: Recipe, profile: Profile) -> Budgets:
     return profile.budgets.merged(recipe.budgets.get(profile.name))
 
 
+DEVICE_ONLY_BUDGETS = ("max_latency_ms", "max_peak_memory_mb")  # meaningless under an emulator
+
+
 def verdict(steps: list[StepResult], budgets: Budgets) -> dict[str, dict[str, Any]]:
-    """Each budget: the measured value of the final artifact, the limit, and whether it holds."""
+    """Each budget: the measured value of the final artifact, the limit, and whether it holds.
+
+    On an emulated board latency and memory are the emulator's, so their budgets are left out.
+    """
+    from edgeopt.profiler.runners import is_emulated
+
     first, last = steps[0].metrics, steps[-1].metrics
+    emulated = is_emulated(last["profile"])
     measured = {
         "max_latency_ms": last["profile"]["latency_ms"]["p50"],
         "max_accuracy_drop": 100.0 * (first["accuracy"] - last["accuracy"]),
@@ -326,7 +335,7 @@ def verdict(steps: list[StepResult], budgets: Budgets) -> dict[str, dict[str, An
     return {
         name: {"measured": measured[name], "limit": limit, "ok": measured[name] <= limit}
         for name, limit in budgets.model_dump().items()
-        if limit is not None
+        if limit is not None and not (emulated and name in DEVICE_ONLY_BUDGETS)
     }
 
 

@@ -10,17 +10,22 @@ never on ARM); these vectorize to AVX/NEON and are within 3e-7 relative of float
 [-87, 88] (tested), clamped outside it (e**-87 ~ 1.6e-38 stands in for 0 in the decays).
 It is opaque to autograd and to tracers, so `fused_allowed` decides when it may run; training and
 exported graphs keep the chunked formulation.
+torch is imported only by the wrappers, so the kernel (`_scan`) imports with numpy and numba alone:
+tests/test_scan_kernel_numpy.py runs it on an arm64 board that has no torch.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numba
 import numpy as np
-import torch
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+if TYPE_CHECKING:
+    import torch
 
 _F = np.float32
 _LOG2E, _LN2_HI, _LN2_LO = _F(1.4426950408889634), _F(0.693359375), _F(-2.12194440e-4)
@@ -124,6 +129,9 @@ def fused_allowed(*tensors: torch.Tensor | None) -> bool:
     tracing or transforming (jit, dynamo/torch.compile, torch.export and the ONNX/LiteRT
     exporters built on it, make_fx, vmap), whose fake or wrapped tensors and dispatch modes
     the kernel would bypass."""
+    import torch
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
     given = [t for t in tensors if t is not None]
     if (
         torch.jit.is_tracing()
@@ -153,6 +161,8 @@ def fused_scan(
     return_states: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out float32 (B, D, L), states float32 (B, D, L, N) or None); same arguments as selective_scan."""
+    import torch
+
     if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1]:
         raise ValueError(f"selective_scan: u/delta (B, D, L) and A (D, N) expected, got {u.shape}, {delta.shape}, {A.shape}")
     Bg = B if B.dim() == 4 else B.unsqueeze(1)

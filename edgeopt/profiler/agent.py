@@ -81,6 +81,42 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def _cpuinfo_arch() -> str | None:
+    """The ISA /proc/cpuinfo describes: x86 lists vendor_id and flags, ARM its CPU implementer."""
+    keys = {line.split(":")[0].strip() for line in (_read("/proc/cpuinfo") or "").splitlines()}
+    if "vendor_id" in keys and "flags" in keys:
+        return "x86_64"
+    if "CPU implementer" in keys:
+        return "aarch64"
+    return None
+
+
+def emulation() -> dict | None:
+    """How this interpreter is emulated, or None when it runs natively.
+
+    qemu-user answers uname() with the guest's machine (aarch64), but it passes the
+    kernel's own files through: /proc/sys/kernel/arch (Linux >= 6.1), else /proc/cpuinfo,
+    still name the host's ISA. A process whose machine differs from its kernel's runs
+    under a binfmt_misc emulator, and its timings are the emulator's, not the device's.
+    """
+    machine = _ARCH_ALIASES.get(platform.machine(), platform.machine())
+    kernel = _read("/proc/sys/kernel/arch") or _cpuinfo_arch()
+    kernel = _ARCH_ALIASES.get(kernel, kernel) if kernel else None
+    if kernel is None or kernel == machine:
+        return None
+    binfmt = _read(f"/proc/sys/fs/binfmt_misc/qemu-{machine}") or ""
+    interpreter = next((line.split()[1] for line in binfmt.splitlines() if line.startswith("interpreter ")), None)
+    return {
+        "emulator": f"qemu-user ({interpreter})" if interpreter else "a binfmt_misc emulator",
+        "guest_arch": machine,
+        "host_arch": kernel,
+        "host_facts": "cpu_model, cores, cpu_max_mhz, governor, temperature_c and memory are the host's",
+    }
+
+
 def _meminfo_mb(field: str, path: str = "/proc/meminfo") -> float | None:
     """A "Field:  N kB" line of /proc/meminfo or /proc/self/status, in MB."""
     for line in (_read(path) or "").splitlines():
@@ -124,12 +160,17 @@ def runtime_versions() -> dict[str, str]:
 def device_facts() -> dict:
     governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
     max_khz = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    emulated = emulation()
+    cpu_model = _cpu_model()
+    if emulated:  # never pass the host's CPU (or a stand-in /proc/cpuinfo) off as the board's
+        cpu_model = f"{cpu_model} [{emulated['guest_arch']} emulated on a {emulated['host_arch']} host]"
     return {
         "hostname": platform.node(),
         "arch": platform.machine(),
+        "emulated": emulated,
         "os": platform.platform(),
         "board": _read("/proc/device-tree/model"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model,
         "cores": os.cpu_count(),
         "cpu_max_mhz": int(max_khz) // 1000 if max_khz and max_khz.isdigit() else None,
         "governor": governor,
@@ -745,6 +786,8 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
         "accuracy": {"top1": correct / len(eval_y), "correct": correct, "total": int(len(eval_y))} if labelled else None,
         "device": device_facts(),
     }
+    # latency under an emulator is not device latency; accuracy and outputs still are the device code's
+    result["emulated"] = result["device"]["emulated"] is not None
     if engine is not None:
         result["engine"] = engine
     return result

@@ -116,9 +116,14 @@ def check(ctx: click.Context, name: str) -> None:
     facts = RUNNERS.get(device.runner)().facts(device)
     runtimes = facts.get("runtimes", {})
     temps = facts.get("temperature_c") or {}
+    emulated = facts.get("emulated")
+    if emulated:
+        arch = f"{facts.get('arch')} (emulated: {emulated['emulator']} on {emulated['host_arch']})"
+    else:
+        arch = f"{facts.get('arch')}{' (emulated: inventory)' if device.emulated else ''}"
     rows = {
         "reachable": f"yes ({device.runner})",
-        "arch": facts.get("arch"),
+        "arch": arch,
         "board / cpu": f"{facts.get('board') or '-'} / {facts.get('cpu_model')} x{facts.get('cores')}",
         "python": f"{facts.get('python')} ({facts.get('python_executable')})",
         "runtimes": ", ".join(f"{k} {v}" for k, v in sorted(runtimes.items())) or "none",
@@ -128,6 +133,8 @@ def check(ctx: click.Context, name: str) -> None:
         "temperature": f"{max(temps.values()):.1f} C" if temps else "-",
         "power mode": facts.get("jetson_power_mode") or "-",
     }
+    if emulated:
+        rows["emulated"] = f"{emulated['host_facts']}; latency and memory are not device figures"
     console = _console()
     for key, value in rows.items():
         console.print(f"{key:>12}: {value}", highlight=False)
@@ -154,17 +161,19 @@ def _summary(result: dict[str, Any]) -> dict[str, str]:
     if "error" in result:
         return {"error": result["error"]}
     lat, facts = result["latency_ms"], result["device"]
+    emulated = " (emulated)" if result.get("emulated") else ""  # the emulator's time, not the device's
     return {
+        "emulated": "yes: latency and memory are not device figures" if emulated else "no",
         "runtime": f"{result['runtime']} {result['runtime_version']}",
         "threads / batch": f"{result['threads']} / {result['batch_size']}",
-        "latency mean ms": f"{lat['mean']:.3f}",
-        "latency p10 ms": f"{lat['p10']:.3f}" if "p10" in lat else "-",
-        "latency p50 ms": f"{lat['p50']:.3f}",
-        "latency p90 ms": f"{lat['p90']:.3f}",
-        "latency p99 ms": f"{lat['p99']:.3f}",
+        "latency mean ms" + emulated: f"{lat['mean']:.3f}",
+        "latency p10 ms" + emulated: f"{lat['p10']:.3f}" if "p10" in lat else "-",
+        "latency p50 ms" + emulated: f"{lat['p50']:.3f}",
+        "latency p90 ms" + emulated: f"{lat['p90']:.3f}",
+        "latency p99 ms" + emulated: f"{lat['p99']:.3f}",
         "runs": str(result["runs"]),
         "init ms": f"{result['init_ms']:.1f}",
-        "peak RSS MB": f"{result['peak_rss_mb']:.1f}",
+        "peak RSS MB" + emulated: f"{result['peak_rss_mb']:.1f}",
         "top-1": f"{100 * result['accuracy']['top1']:.2f}%" if result.get("accuracy") else "-",
         "cpu": f"{facts.get('cpu_model')} x{facts.get('cores')} ({facts.get('arch')})",
     }

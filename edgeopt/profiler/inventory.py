@@ -37,6 +37,8 @@ class Device(BaseModel):
     connect_timeout_s: int = Field(default=10, ge=1)
     timeout_s: float = Field(default=900, gt=0, description="limit for one remote command")
     retries: int = Field(default=2, ge=0, description="retries after a connection timeout or refusal")
+    emulated: bool = Field(default=False, description="an emulated board (its latency is not device latency); "
+                                                      "the agent also detects qemu-user itself")
 
     @field_validator("workdir", "python")
     @classmethod

@@ -157,9 +157,16 @@ def profile_bundle(
     dev = resolve_device(device, inventory)
     name = runner or (dev.runner if dev else "local")
     result = RUNNERS.get(name)().profile(Path(bundle_dir), dev, agent_args(runs, min_seconds, warmup, threads, max_seconds))
+    result["emulated"] = bool(result.get("emulated")) or bool(dev and dev.emulated)
     result["target"] = {"runner": name, "device": dev.name if dev else "localhost",
                         "profile": dev.profile if dev else None}
     return result
+
+
+def is_emulated(result: dict[str, Any]) -> bool:
+    """True for a profile measured under an emulator: its latency and memory are the
+    emulator's, never comparable with a device's figures or budgets."""
+    return bool(result.get("emulated"))
 
 
 def profile_model(

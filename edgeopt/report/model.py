@@ -185,6 +185,12 @@ def measurement(profile: Profile, result: dict[str, Any], bundle_runtime: str | 
     if (bundle_runtime or profile.runtimes[0]) == "tensorrt" and runtime != "tensorrt":
         notes.append(f"the {profile.name} bundle runs with TensorRT on the device; these figures were timed "
                      f"with {runtime}")
+    if result.get("emulated"):  # qemu-user: the emulator's time and memory, never the device's
+        where = f"emulated board '{target.get('device', '?')}'"
+        notes.append("latency and memory under qemu-user emulation are not device figures: they are not "
+                     "checked against budgets or compared with other hosts; accuracy is real")
+        return Measurement(on_device=False, where=where, label=f"measured on an {where} ({arch}), not on the device",
+                           notes=notes)
     if remote:
         where = f"device '{target['device']}'"
         return Measurement(on_device=True, where=where, label=f"measured on {where} ({arch})", notes=notes)
