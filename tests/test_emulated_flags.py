@@ -15,7 +15,8 @@ from edgeopt.profiler import agent
 from edgeopt.profiler.inventory import INVENTORY_PATH, load_inventory
 from edgeopt.profiles import Budgets, load_profile
 from edgeopt.regress import compare, figures
-from edgeopt.report import EMULATED_NOTE, build_report, to_markdown
+from edgeopt.report.markdown import to_markdown
+from edgeopt.report.model import build_report
 
 QEMU_BINFMT = "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\n"
 X86_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon\nflags\t\t: fpu avx2\n"
@@ -98,8 +99,9 @@ def test_regress_ignores_emulated_latency():
 
 
 def test_report_flags_emulated_results():
-    report = build_report("r", "rpi5", _steps(True), verdict(_steps(True), BUDGETS))
-    assert report["emulated"] is True and report["passed"] is True
-    assert EMULATED_NOTE in to_markdown(report)
-    native = build_report("r", "rpi5", _steps(False), {})
-    assert native["emulated"] is False and EMULATED_NOTE not in to_markdown(native)
+    rpi5 = load_profile("rpi5")
+    report = build_report("r", rpi5, _steps(True), verdict(_steps(True), BUDGETS))
+    assert report.measurement.emulated and not report.measurement.on_device and "emulated board" in report.measurement.label
+    assert report.passed and "qemu-user" in to_markdown(report)
+    native = build_report("r", rpi5, _steps(False), {})
+    assert "emulated" not in native.measurement.label and "qemu-user" not in to_markdown(native)

@@ -110,6 +110,7 @@ class Measurement(_Model):
     where: str  # "x86_64 host" or "device 'rpi5'"
     label: str  # shown in titles: "measured on x86_64 host, not on the device"
     notes: list[str] = []
+    emulated: bool = False  # under qemu-user: latency and memory are the emulator's
 
 
 class Environment(_Model):
@@ -190,7 +191,7 @@ def measurement(profile: Profile, result: dict[str, Any], bundle_runtime: str | 
         notes.append("latency and memory under qemu-user emulation are not device figures: they are not "
                      "checked against budgets or compared with other hosts; accuracy is real")
         return Measurement(on_device=False, where=where, label=f"measured on an {where} ({arch}), not on the device",
-                           notes=notes)
+                           notes=notes, emulated=True)
     if remote:
         where = f"device '{target['device']}'"
         return Measurement(on_device=True, where=where, label=f"measured on {where} ({arch})", notes=notes)
