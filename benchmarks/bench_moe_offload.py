@@ -8,7 +8,9 @@ prompt, printing one table: decode tokens/s (each prompt's best of `--repeats` p
 its ratio to on-demand fp16 + LRU, the loading share of per-token time, the measured read
 bandwidth and bandwidth-bound tokens/s, perplexity relative to fully resident, plus the
 acceptance verdict (>= 3x the LRU baseline, perplexity within 2%). `hobbit-highpool` is
-HOBBIT with the budget split constrained to keep at least one fp16 expert cached.
+HOBBIT with the budget split constrained to keep at least one fp16 expert cached; `hobbit-strict`
+is HOBBIT's own hit rule (an int4 copy does not serve a top-ranked expert), beside `hobbit`'s older
+rule, with the high/low/skip split of each.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def main() -> None:
     print(f"hobbit held up to {hobbit.peak_held_bytes / 2**20:.2f} MiB of finished prefetches outside its "
           f"{hobbit.budget_bytes / 2**20:.2f} MiB cache until their layer ran; hobbit-noprefetch holds none and runs "
           f"{by['hobbit-noprefetch'].tokens_per_s / lru.tokens_per_s:.2f}x {BASELINE}")
+    if "hobbit-strict" in by:
+        strict = by["hobbit-strict"]
+        print("high/low/skip: hobbit " + "/".join(f"{x:.2f}" for x in hobbit.high_low_skip) + ", hobbit-strict (HOBBIT's rule) "
+              + "/".join(f"{x:.2f}" for x in strict.high_low_skip) + " (paper, Mixtral: 0.67/0.30/0.03); perplexity vs resident "
+              f"{hobbit.perplexity / resident.perplexity - 1:+.2%} vs {strict.perplexity / resident.perplexity - 1:+.2%}")
     speedup = hobbit.tokens_per_s / lru.tokens_per_s
     ppl = by["hobbit"].perplexity / by[REFERENCE].perplexity - 1
     print(f"hobbit vs {BASELINE}: {speedup:.2f}x decode tokens/s (goal >= 3x) -> {'PASS' if speedup >= 3 else 'FAIL'}")

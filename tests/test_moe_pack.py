@@ -74,21 +74,24 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+CAP = 24 << 20  # extra peak RSS allowed for packing (the checkpoint is twice that)
+
+
 def test_packing_a_checkpoint_larger_than_the_cap_stays_under_it(tmp_path):
-    """~100 MiB of experts packed with < 25% of the checkpoint's size in extra peak RSS."""
-    big = dict(TINY, hidden_size=256, intermediate_size=1024, num_local_experts=8, num_hidden_layers=8,
+    """A ~50 MiB checkpoint packs with at most 24 MiB of extra peak RSS (measured: ~13-16 MiB for 100 MiB)."""
+    big = dict(TINY, hidden_size=256, intermediate_size=1024, num_local_experts=8, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=4)
     src = write_random_checkpoint(big, tmp_path / "big", shard_bytes=32 << 20)
     warm = write_random_checkpoint(TINY, tmp_path / "warm-src")
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(src), str(tmp_path), str(warm)],
                          capture_output=True, text=True, check=True)
     m = json.loads(out.stdout.strip().splitlines()[-1])
-    cap = 0.25 * m["ckpt"]
-    assert m["ckpt"] > 90 << 20
+    cap = CAP
+    assert m["ckpt"] > 2 * CAP
     print(f"pack peak RSS growth {(m['hwm'] - m['before']) >> 20} MiB for a {m['ckpt'] >> 20} MiB checkpoint")
     assert m["hwm"] - m["before"] <= cap, f"packing took {(m['hwm'] - m['before']) >> 20} MiB over {int(cap) >> 20} MiB"
     store = ExpertStore(tmp_path / "store")
-    assert store.n_layers == 8 and store.n_experts == 8
+    assert store.n_layers == 4 and store.n_experts == 8
     store.close()
 
 

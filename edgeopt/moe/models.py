@@ -60,8 +60,10 @@ def resident_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone().contiguous() for k, v in state.items()}
 
 
-def materialize(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Allocate the skeleton on CPU and fill every parameter/buffer from the resident state."""
+def materialize(model: nn.Module, state) -> nn.Module:
+    """Allocate the skeleton on CPU and fill every parameter/buffer from the resident state
+    (a dict or a name → tensor reader: then one tensor is read at a time, and peak memory is the
+    model plus one tensor)."""
     model.to_empty(device="cpu")
     tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     missing = [n for n in tensors if n not in state]
@@ -69,7 +71,11 @@ def materialize(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         raise InputError(f"store's resident weights lack {len(missing)} tensors (e.g. {missing[0]})")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if tuple(state[name].shape) != tuple(tensor.shape):
-                raise InputError(f"resident weight {name} has shape {tuple(state[name].shape)}, model wants {tuple(tensor.shape)}")
-            tensor.copy_(state[name])
+            value = state[name]
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise InputError(f"resident weight {name} has shape {tuple(value.shape)}, model wants {tuple(tensor.shape)}")
+            tensor.copy_(value)
+            del value
+    if hasattr(state, "close"):
+        state.close()
     return model.eval()

@@ -104,6 +104,9 @@ class ShardedCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name].shape
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load, save_file
+from safetensors.torch import save_file
 
 from edgeopt.errors import InputError
 from edgeopt.fileio import write_json, write_with
@@ -358,21 +358,21 @@ class ExpertStore:
     def read(self, layer: int, expert: int, precision: str) -> LoadedExpert:
         return decode_expert(self.read_raw(layer, expert, precision), precision, self.shapes, self.int4_layout)
 
-    def resident_state(self) -> dict[str, torch.Tensor]:
-        """The non-expert weights, checked against the manifest's crc32 (a flipped byte there would
-        otherwise run silently and change every output)."""
+    def resident_state(self):
+        """The non-expert weights as a name → tensor reader (one tensor in memory at a time while the
+        model is filled), after checking the file against the manifest's crc32: a flipped byte there
+        would otherwise run silently and change every output."""
+        from edgeopt.moe.sharded import ShardedCheckpoint
+
         path = self.path / "resident.safetensors"
         expected = self.manifest.get("resident_crc32")
         if expected is None:
             raise InputError(f"{self.path}: store has no checksum for its resident weights (packed by an older "
                              f"edgeopt); repack it")
         try:
-            data = path.read_bytes()
+            crc = file_crc32(path)
         except OSError as exc:
             raise InputError(f"cannot read resident weights {path}: {exc}") from exc
-        if zlib.crc32(data) != expected:
+        if crc != expected:
             raise InputError(f"corrupted resident weights {path} (checksum mismatch)")
-        try:
-            return load(data)
-        except Exception as exc:
-            raise InputError(f"cannot read resident weights {path}: {exc}") from exc
+        return ShardedCheckpoint(path)
