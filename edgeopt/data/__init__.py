@@ -53,3 +53,4 @@ def load_dataset(name: str, **kwargs: Any) -> Splits:
 
 
 from edgeopt.data import digits as _digits  # noqa: E402,F401  (registers built-ins)
+from edgeopt.data import synthetic_rgbt as _synthetic_rgbt  # noqa: E402,F401
