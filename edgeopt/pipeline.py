@@ -25,7 +25,7 @@ import numpy as np
 from edgeopt.artifact import TORCH, ModelArtifact, ModelSource, save_weights
 from edgeopt.data import Splits, load_dataset
 from edgeopt.errors import InputError
-from edgeopt.evaluate import artifact_outputs, count_params, size_mb, top1_accuracy
+from edgeopt.evaluate import artifact_outputs, count_params, size_mb
 from edgeopt.exporters import FORMAT_RUNTIME, SUFFIX, export
 from edgeopt.fileio import write_json
 from edgeopt.models import build_model, resolve_factory
@@ -33,6 +33,7 @@ from edgeopt.passes import Pass, PassContext, make_pass
 from edgeopt.passes.export import host_format
 from edgeopt.profiles import Budgets, Profile
 from edgeopt.recipes import Recipe
+from edgeopt.tasks import Task, task_for
 
 MANIFEST = "manifest.json"
 Notify = Callable[[str], None]
@@ -71,6 +72,7 @@ class Pipeline:
     def run(self) -> list[StepResult]:
         passes = [make_pass(spec.name, spec.config) for spec in self.recipe.passes]  # fail before any work
         splits = load_dataset(self.recipe.dataset.name, **self.recipe.dataset.kwargs)
+        self.task = task_for(splits)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         steps = [self._original(splits)]
         for index, the_pass in enumerate(passes, start=1):
@@ -234,13 +236,16 @@ class Pipeline:
         every step is timed by the same runtime and the ratios between steps
         (e.g. against the original's fp32 export) mean something.
         """
-        eval_x = splits.eval.x.numpy()
-        eval_y = splits.eval.y.numpy()
+        task: Task = self.task
+        eval_x = task.inputs(splits.eval).numpy()
+        scores = task.score(artifact_outputs(artifact, eval_x, self.threads), splits.eval)
         metrics: dict[str, Any] = {
             "format": artifact.format,
             "precision": artifact.precision,
             "size_mb": size_mb(artifact.path),
-            "accuracy": top1_accuracy(artifact_outputs(artifact, eval_x, self.threads), eval_y),
+            "accuracy": scores["accuracy"],  # the task's primary metric in [0, 1]
+            "metric": task.metric,
+            "scores": scores,
         }
         if artifact.format == TORCH:
             module = artifact.load_module()
@@ -252,17 +257,19 @@ class Pipeline:
             timed, runtime = artifact.path, FORMAT_RUNTIME[artifact.format]
         self.notify(f"{step_dir.name}: profiling with {runtime}")
         metrics["runtime"] = runtime
-        metrics["profile"] = self._profile(timed, runtime, eval_x, eval_y, step_dir / "profiled")
+        metrics["profile"] = self._profile(timed, runtime, eval_x, task.bundle_eval(splits.eval), step_dir / "profiled")
         return metrics
 
-    def _profile(self, model: Path, runtime: str, x: np.ndarray, y: np.ndarray, work_dir: Path) -> dict[str, Any]:
+    def _profile(self, model: Path, runtime: str, x: np.ndarray, scoring: dict[str, Any], work_dir: Path
+                 ) -> dict[str, Any]:
         from edgeopt.profiler.runners import profile_model
 
         return profile_model(
             model,
             runtime,
             x,
-            y,
+            scoring.pop("eval_y", None),
+            **scoring,
             threads=self.threads,
             work_dir=work_dir,
             runner=self.runner,
@@ -302,14 +309,16 @@ class Pipeline:
                 runtime = "tensorrt"
             except InputError as error:
                 self.notify(f"bundle: runs with onnxruntime, TensorRT would refuse this model: {error}")
+        scoring = self.task.bundle_eval(splits.eval)
         make_bundle(
             final.artifact.path,
             runtime,
-            splits.eval.x.numpy(),
-            splits.eval.y.numpy(),
+            self.task.inputs(splits.eval).numpy(),
+            scoring.pop("eval_y", None),
             self.run_dir / "bundle",
             threads=self.profile.threads,  # the bundle is for the device
             precision=final.artifact.precision if runtime == "tensorrt" else None,
+            **scoring,
         )
 
     def _data_key(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class Recipe(_Strict):
     dataset: DatasetSpec
     passes: list[Step] = Field(min_length=1)
     budgets: dict[str, Budgets] = Field(default={}, description="per-profile overrides of the profile's budgets")
+    profiles: list[str] | None = Field(None, description="profiles `edgeopt regress` runs this recipe for (default: all)")
     seed: int = 0
 
     @field_validator("passes", mode="before")
@@ -71,6 +72,9 @@ def load_recipe(path: Path) -> Recipe:
     for profile in recipe.budgets:
         if profile not in known:
             raise InputError(f"{path}: budgets: {unknown_name('profile', profile, known)}")
+    for profile in recipe.profiles or ():
+        if profile not in known:
+            raise InputError(f"{path}: profiles: {unknown_name('profile', profile, known)}")
     if recipe.model.checkpoint is not None and not recipe.model.checkpoint.is_absolute():
         # checkpoints are relative to the repository root (the recipe's parent's parent) or the CWD
         for base in (Path(path).resolve().parent.parent, Path.cwd()):

@@ -15,11 +15,10 @@ Box decoding: distance = softplus(raw) * stride from the anchor centre ((i + 0.5
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -176,8 +175,8 @@ class FusionDetector(nn.Module):
 # --- registered configurations ---------------------------------------------------------------
 
 RGBT_DET_CONFIG: dict[str, Any] = dict(
-    num_classes=3, in_chans=4, img_size=256, depths=(1, 1, 2, 1), dims=(16, 32, 64, 96), neck_width=48,
-    ssm_d_state=8, ssm_ratio=2.0, forward_type="v0",
+    num_classes=3, in_chans=4, img_size=256, depths=(1, 1, 1, 1), dims=(8, 24, 48, 64), neck_width=32,
+    ssm_d_state=4, ssm_ratio=1.0, forward_type="v0", fusion_hidden=8,
 )  # fmt: skip
 
 

@@ -159,6 +159,10 @@ def profile_bundle(
     result = RUNNERS.get(name)().profile(Path(bundle_dir), dev, agent_args(runs, min_seconds, warmup, threads, max_seconds))
     result["target"] = {"runner": name, "device": dev.name if dev else "localhost",
                         "profile": dev.profile if dev else None}
+    if "detections" in result:  # a detector bundle: mAP on the host, from the device's own detections
+        from edgeopt.profiler.detections import score_bundle
+
+        result["accuracy"] = score_bundle(Path(bundle_dir), result.pop("detections"))
     return result
 
 
@@ -173,9 +177,12 @@ def profile_model(
     device: Device | str | None = None,
     batch_size: int = 1,
     input_name: str | None = None,
+    targets: list | None = None,
+    postprocess: dict | None = None,
     **timing: Any,
 ) -> dict[str, Any]:
-    """make_bundle into `work_dir/bundle`, then profile_bundle; `timing` = runs, min_seconds, ..."""
+    """make_bundle into `work_dir/bundle`, then profile_bundle; `timing` = runs, min_seconds, ...
+    (a detector passes eval_y=None, targets and postprocess: see `make_bundle`)."""
     bundle = make_bundle(model_path, runtime, eval_x, eval_y, Path(work_dir) / "bundle", threads,
-                         input_name=input_name, batch_size=batch_size)
+                         input_name=input_name, batch_size=batch_size, targets=targets, postprocess=postprocess)
     return profile_bundle(bundle, runner=runner, device=device, **timing)

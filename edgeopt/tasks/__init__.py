@@ -22,8 +22,12 @@ class Task(ABC):
     metric: ClassVar[str]  # the primary metric's display name ("top-1", "mAP50")
 
     @abstractmethod
-    def inputs(self, split: Any) -> torch.Tensor:
-        """The split's network inputs, float32 (N, ...)."""
+    def inputs(self, split: Any, limit: int | None = None) -> torch.Tensor:
+        """The split's network inputs (the first `limit`), float32 (N, ...)."""
+
+    def decide(self, outputs: np.ndarray) -> np.ndarray:
+        """The decision each output stands for (parity checks count agreements): the arg-max class."""
+        return np.asarray(outputs).argmax(-1)
 
     @abstractmethod
     def batch(self, split: Any, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -36,16 +40,10 @@ class Task(ABC):
     def score(self, outputs: np.ndarray, split: Any) -> dict[str, float]:
         """Scores of raw model outputs on a split: `accuracy` (primary, [0, 1]) and extras."""
 
-    def postprocess_meta(self) -> dict[str, Any] | None:
-        """What a device agent needs to post-process raw outputs itself (None: nothing)."""
-        return None
-
-    def labels(self, split: Any) -> np.ndarray | None:
-        """Integer labels an agent scores top-1 against (None: the host scores the outputs)."""
-        return None
-
-    def score_detections(self, detections: list, split: Any) -> dict[str, float]:
-        raise NotImplementedError(f"{self.name} has no detections to score")
+    @abstractmethod
+    def bundle_eval(self, split: Any) -> dict[str, Any]:
+        """`make_bundle` keyword arguments that let a device agent score the split (eval_y, or
+        targets + postprocess for outputs the agent post-processes and the host scores)."""
 
 
 class ClassificationTask(Task):
@@ -53,8 +51,8 @@ class ClassificationTask(Task):
 
     name, metric = "classification", "top-1"
 
-    def inputs(self, split: Any) -> torch.Tensor:
-        return split.x
+    def inputs(self, split: Any, limit: int | None = None) -> torch.Tensor:
+        return split.x[:limit]
 
     def batch(self, split: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return split.x[idx], split.y[idx]
@@ -68,8 +66,8 @@ class ClassificationTask(Task):
         ce = float(F.cross_entropy(torch.from_numpy(logits).float(), torch.from_numpy(y).long()))
         return {"accuracy": float((logits.argmax(-1) == y).mean()), "cross_entropy": ce}
 
-    def labels(self, split: Any) -> np.ndarray:
-        return np.asarray(split.y)
+    def bundle_eval(self, split: Any) -> dict[str, Any]:
+        return {"eval_y": np.asarray(split.y)}
 
 
 def task_for(splits: Any) -> Task:

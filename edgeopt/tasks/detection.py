@@ -33,8 +33,13 @@ class DetectionTask(Task):
     def for_splits(cls, splits: Any) -> DetectionTask:
         return cls(img_size=int(splits.eval.images.shape[-1]), num_classes=int(splits.num_classes))
 
-    def inputs(self, split: Any) -> torch.Tensor:
-        return to_input(split.images)
+    def inputs(self, split: Any, limit: int | None = None) -> torch.Tensor:
+        return to_input(split.images[:limit])
+
+    def decide(self, outputs: np.ndarray) -> np.ndarray:
+        """Per anchor: the class it would detect at score >= 0.25, or -1 (background)."""
+        logits = np.asarray(outputs)[..., 4:]
+        return np.where(logits.max(-1) >= np.log(0.25 / 0.75), logits.argmax(-1), -1)
 
     def batch(self, split: Any, idx: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         idx = torch.as_tensor(idx).tolist()
@@ -54,18 +59,27 @@ class DetectionTask(Task):
         return self.score_detections(self.decode(outputs), split)
 
     def score_detections(self, detections: list, split: Any) -> dict[str, float]:
-        from edgeopt.data.detection import coco_map
+        return score_detections(detections, targets_of(split), self.num_classes)
 
-        targets = [(np.asarray(b, dtype=np.float32).reshape(-1, 4), np.asarray(lab, dtype=np.int64))
-                   for b, lab in zip(split.boxes, split.labels, strict=True)]  # fmt: skip
-        result = coco_map(detections, targets, self.num_classes)
-        return {"accuracy": float(result["map50"]), "map50": float(result["map50"]),
-                "map50_95": float(result["map50_95"])}  # fmt: skip
+    def bundle_eval(self, split: Any) -> dict[str, Any]:
+        return {"targets": targets_of(split), "postprocess": {
+            "kind": "yolo", "img_size": self.img_size, "strides": list(self.strides),
+            "num_classes": self.num_classes, "conf_threshold": self.conf_threshold,
+            "iou_threshold": self.iou_threshold, "max_det": self.max_det}}  # fmt: skip
 
-    def postprocess_meta(self) -> dict[str, Any]:
-        return {"kind": "yolo", "img_size": self.img_size, "strides": list(self.strides),
-                "conf_threshold": self.conf_threshold, "iou_threshold": self.iou_threshold,
-                "max_det": self.max_det}  # fmt: skip
+
+def targets_of(split: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.asarray(b, dtype=np.float32).reshape(-1, 4), np.asarray(lab, dtype=np.int64))
+            for b, lab in zip(split.boxes, split.labels, strict=True)]  # fmt: skip
+
+
+def score_detections(detections: list, targets: list, num_classes: int) -> dict[str, float]:
+    """COCOeval mAP50 ('accuracy', the primary metric) and mAP50-95 of decoded detections."""
+    from edgeopt.metrics.coco import coco_map
+
+    result = coco_map(detections, targets, num_classes)
+    return {"accuracy": float(result["map50"]), "map50": float(result["map50"]),
+            "map50_95": float(result["map50_95"])}  # fmt: skip
 
 
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
