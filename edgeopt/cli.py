@@ -317,7 +317,7 @@ def _attach_plugins() -> None:
     """Command groups that live with their feature (MoE runtime, device inventory)."""
     import importlib
 
-    for module, attr in (("edgeopt.moe.cli", "moe"), ("edgeopt.profiler.cli", "devices"), ("edgeopt.sweep", "sweep")):
+    for module, attr in (("edgeopt.moe.cli", "moe"), ("edgeopt.profiler.cli", "devices"), ("edgeopt.sweep", "sweep"), ("edgeopt.data.cli", "datasets")):
         cli.add_command(getattr(importlib.import_module(module), attr))
 
 

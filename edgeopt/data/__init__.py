@@ -1,6 +1,7 @@
 """Datasets with fixed train / calibration / eval splits, registered by name.
 
-A dataset factory takes the recipe's keyword arguments and returns `Splits`.
+A dataset factory takes the recipe's keyword arguments and returns `Splits`
+(classification) or `edgeopt.data.detection.DetectionSplits` (RGB–IR detection).
 Calibration data feeds quantization and rank selection; accuracy is only ever
 reported on the eval split.
 """
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from edgeopt.registry import Registry
+
+if TYPE_CHECKING:
+    from edgeopt.data.detection import DetectionSplits
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,10 @@ class Splits:
     num_classes: int
 
 
-DATASETS: Registry[Callable[..., Splits]] = Registry("dataset", "edgeopt.datasets")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "edgeopt.datasets")
 
 
-def load_dataset(name: str, **kwargs: Any) -> Splits:
+def load_dataset(name: str, **kwargs: Any) -> Splits | DetectionSplits:
     from edgeopt.errors import InputError
 
     factory = DATASETS.get(name)
@@ -53,4 +57,4 @@ def load_dataset(name: str, **kwargs: Any) -> Splits:
 
 
 from edgeopt.data import digits as _digits  # noqa: E402,F401  (registers built-ins)
-from edgeopt.data import synthetic_rgbt as _synthetic_rgbt  # noqa: E402,F401
+from edgeopt.data import rgbt as _rgbt  # noqa: E402,F401

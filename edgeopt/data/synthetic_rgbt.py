@@ -36,10 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeopt.data import DATASETS
 from edgeopt.data.detection import DetectionSplit, DetectionSplits
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump whenever a scene changes: the cache is keyed by it
 CLASS_NAMES = ["vessel", "vehicle", "person"]
 CONDITIONS = ("normal", "night", "haze", "crossover")
 CONDITION_P = (0.30, 0.25, 0.20, 0.25)
@@ -112,14 +111,33 @@ def _place(size: int, h: int, w: int, taken: list[tuple[int, int, int, int]], rn
     return None
 
 
-def render_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def noise_bank(size: int, seed: int) -> np.ndarray:
+    """Unit Gaussian noise (4, 2·size, 2·size) that scenes crop at random offsets.
+
+    Drawing fresh Gaussian noise for every pixel is most of a scene's cost; a random
+    crop of one shared bank per split is as good for a detector and keeps generation fast.
+    """
+    return np.random.default_rng([seed, 99]).standard_normal((4, 2 * size, 2 * size), dtype=np.float32)
+
+
+def _noise(rng: np.random.Generator, bank: np.ndarray, size: int) -> np.ndarray:
+    oy, ox = rng.integers(0, bank.shape[1] - size + 1, 2)
+    order = rng.permutation(4)
+    return bank[order, oy : oy + size, ox : ox + size]
+
+
+def render_scene(
+    rng: np.random.Generator, size: int = 256, bank: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """One scene: (image (4, size, size) uint8, boxes (M, 4) float32 xyxy, labels (M,) int64, condition)."""
+    if bank is None:
+        bank = noise_bank(size, int(rng.integers(2**31)))
     condition = CONDITIONS[int(rng.choice(len(CONDITIONS), p=CONDITION_P))]
     k = size / 256
     field = _lowfreq(rng, 4, size)
     base = rng.uniform(0.2, 0.6, 3).astype(np.float32)
-    rgb = base[:, None, None] + 0.3 * (field[:3] - 0.5) + rng.normal(0, 0.03, (3, size, size)).astype(np.float32)
-    ir = 0.3 + 0.2 * field[3] + rng.normal(0, 0.02, (size, size)).astype(np.float32)
+    rgb = base[:, None, None] + 0.3 * (field[:3] - 0.5)
+    ir = 0.3 + 0.2 * field[3]
 
     # Clutter: coloured shapes with no heat (RGB), warm blobs with no edges (IR).
     for _ in range(int(rng.integers(2, 9))):
@@ -167,14 +185,18 @@ def render_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray,
         labels.append(cls)
         taken.append((x, y, x + w, y + h))
 
+    sigma = np.array([0.03, 0.03, 0.03, 0.02], dtype=np.float32)  # sensor noise per band
     if condition == "night":
-        rgb = rgb * rng.uniform(0.03, 0.08) + rng.normal(0, 0.035, rgb.shape).astype(np.float32)
+        rgb = rgb * rng.uniform(0.03, 0.08)
+        sigma[:3] = 0.035
     elif condition == "haze":
         t = rng.uniform(0.88, 0.95)
-        rgb = rgb * (1 - t) + t * rng.uniform(0.7, 0.85) + rng.normal(0, 0.03, rgb.shape).astype(np.float32)
+        rgb = rgb * (1 - t) + t * rng.uniform(0.7, 0.85)
     elif crossover:
-        ir = 0.45 + 0.35 * (ir - 0.45) + rng.normal(0, 0.03, ir.shape).astype(np.float32)
+        ir = 0.45 + 0.35 * (ir - 0.45)
+        sigma[3] = 0.03
     image = np.concatenate([rgb, ir[None]], axis=0)
+    image += sigma[:, None, None] * _noise(rng, bank, size)
     image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
     return (
         image,
@@ -188,9 +210,10 @@ def generate_split(split: str, n: int, size: int = 256, seed: int = 0) -> Detect
     """`n` scenes of one split; scene i depends only on (seed, split, i)."""
     images = np.empty((n, 4, size, size), dtype=np.uint8)
     boxes, labels, names = [], [], []
+    bank = noise_bank(size, seed)
     for i in range(n):
         rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
-        images[i], b, lab, condition = render_scene(rng, size)
+        images[i], b, lab, condition = render_scene(rng, size, bank)
         boxes.append(b)
         labels.append(lab)
         names.append(f"{split}_{i:05d}_{condition}")
@@ -235,17 +258,8 @@ def _load(path: Path, names: list[str]) -> dict[str, DetectionSplit]:
     return out
 
 
-@DATASETS.register("rgbt-synthetic")
-def rgbt_synthetic(
-    size: int = 256,
-    n_train: int = 2000,
-    n_calib: int = 128,
-    n_eval: int = 400,
-    seed: int = 0,
-    bands: str = "rgbt",
-    cache: bool = True,
-) -> DetectionSplits:
-    """The synthetic set; `bands="rgb"|"ir"` zeroes the other band (same 4-channel input)."""
+def synthetic_splits(size: int, n_train: int, n_calib: int, n_eval: int, seed: int, cache: bool = True) -> DetectionSplits:
+    """All three splits (both bands), from the cache when it holds them; the `rgbt-synthetic` dataset."""
     if size < 64:
         raise ValueError(f"size must be at least 64, got {size}")
     counts = {"train": int(n_train), "calib": int(n_calib), "eval": int(n_eval)}
@@ -262,7 +276,7 @@ def rgbt_synthetic(
         splits = {name: generate_split(name, n, size, seed) for name, n in counts.items()}
         if cache:
             _save(path, splits)
-    return DetectionSplits(splits["train"], splits["calib"], splits["eval"], list(CLASS_NAMES)).with_bands(bands)
+    return DetectionSplits(splits["train"], splits["calib"], splits["eval"], list(CLASS_NAMES))
 
 
 def write_yolo_layout(out: Path, splits: DetectionSplits) -> None:
@@ -295,15 +309,17 @@ def write_yolo_layout(out: Path, splits: DetectionSplits) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import inspect
+
+    from edgeopt.data.rgbt import rgbt_synthetic
+
+    defaults = {k: p.default for k, p in inspect.signature(rgbt_synthetic).parameters.items()}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write (YOLO-txt pair layout)")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-calib", type=int, default=128)
-    parser.add_argument("--n-eval", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
+    for name in ("size", "n_train", "n_calib", "n_eval", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name], help=f"default {defaults[name]}")
     args = parser.parse_args(argv)
-    splits = rgbt_synthetic(args.size, args.n_train, args.n_calib, args.n_eval, args.seed, cache=False)
+    splits = synthetic_splits(args.size, args.n_train, args.n_calib, args.n_eval, args.seed, cache=False)
     write_yolo_layout(args.out, splits)
     total = len(splits.train) + len(splits.calib) + len(splits.eval)
     print(f"wrote {total} RGB–IR pairs to {args.out} (data.yaml, images/, imagesIR/, labels/)")
