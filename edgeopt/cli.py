@@ -137,11 +137,16 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
         return
     with console.status(f"exporting to {fmt}"):
         path = export(fmt, model, example, out)
-    x = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval.x[:256].numpy()
-    check = parity(torch_outputs(model, x), artifact_outputs(ModelArtifact(fmt, path, ModelSource(spec.name), ()), x))
+    from edgeopt.tasks import task_for
+
+    splits = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs)
+    task = task_for(splits)
+    x = task.inputs(splits.eval, 256).numpy()
+    check = parity(torch_outputs(model, x), artifact_outputs(ModelArtifact(fmt, path, ModelSource(spec.name), ()), x),
+                   task.decide)  # fmt: skip
     console.print(
         f"wrote {path}: parity max abs {check['max_abs']:.2e}, cosine {check['cosine']:.6f}, "
-        f"top-1 agreement {check['top1_agreement']:.3f}"
+        f"decision agreement {check['top1_agreement']:.3f}"
     )
 
 
@@ -182,21 +187,28 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
         if runtime is None:
             raise InputError(f"unknown model format '{artifact.suffix}' (expected .onnx, .tflite or .engine)")
         loaded = load_recipe(recipe)
-        split = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval
+        from edgeopt.tasks import task_for
+
+        splits = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs)
+        task = task_for(splits)
+        scoring = task.bundle_eval(splits.eval)
         threads = threads or load_profile(profile_name).threads
         with tempfile.TemporaryDirectory() as work:
-            result = profile_model(artifact, runtime, split.x.numpy(), split.y.numpy(), threads=threads,
-                                   work_dir=Path(work), runner=runner, device=device, **timing)
+            result = profile_model(artifact, runtime, task.inputs(splits.eval).numpy(), scoring.pop("eval_y", None),
+                                   threads=threads, work_dir=Path(work), runner=runner, device=device, **timing,
+                                   **scoring)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     lat = result["latency_ms"]
     table = Table(title=str(artifact))
-    for column in ("runtime", "threads", "mean ms", "p50 ms", "p90 ms", "p99 ms", "init ms", "peak MB", "top-1 %"):
+    accuracy = result.get("accuracy") or {}
+    metric = accuracy.get("metric", "top-1")
+    for column in ("runtime", "threads", "mean ms", "p50 ms", "p90 ms", "p99 ms", "init ms", "peak MB", metric):
         table.add_column(column, justify="right")
     table.add_row(result["runtime"], str(result["threads"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
                   f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}",
-                  f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "—")
+                  f"{100 * accuracy.get('value', accuracy.get('top1', 0.0)):.2f}" if accuracy else "—")
     console.print(table)
 
 

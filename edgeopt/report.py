@@ -31,6 +31,7 @@ def build_report(
                 "params": params,
                 "size_mb": m["size_mb"],
                 "accuracy": m["accuracy"],
+                "metric": m.get("metric", "top-1"),  # what `accuracy` is (top-1, mAP50)
                 "accuracy_drop_points": 100.0 * (base["accuracy"] - m["accuracy"]),
                 "latency_ms": latency,
                 "speedup_vs_original": base["profile"]["latency_ms"]["p50"] / latency["p50"],
@@ -45,6 +46,7 @@ def build_report(
     return {
         "recipe": recipe_name,
         "profile": profile_name,
+        "metric": rows[0]["metric"] if rows else "top-1",
         "steps": rows,
         "budgets": checks,
         "passed": all(c["ok"] for c in checks.values()),

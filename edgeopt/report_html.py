@@ -54,7 +54,7 @@ def plots(report: dict[str, Any], devices: dict[str, dict[str, Any]] | None = No
         ax.annotate(s["step"], (s["latency_ms"]["p50"], 100 * s["accuracy"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     for name, result in (devices or {}).items():
-        lat, acc = result["latency_ms"]["p50"], 100 * result["accuracy"]["top1"]
+        lat, acc = result["latency_ms"]["p50"], 100 * _device_accuracy(result)
         ax.scatter(lat, acc, marker="s", s=50)
         ax.annotate(f"{name} (device)", (lat, acc), fontsize=8, xytext=(4, -10), textcoords="offset points")
     ax.set_xlabel(f"p50 latency (ms, {report['profile']})")
@@ -85,7 +85,7 @@ def to_html(report: dict[str, Any], devices: dict[str, dict[str, Any]] | None = 
     )
     device_rows = "".join(
         f"<tr><td>{esc(name)}</td><td>{esc(r.get('runtime', ''))}</td><td>{r['latency_ms']['p50']:.3f}</td>"
-        f"<td>{r['latency_ms']['p90']:.3f}</td><td>{100 * r['accuracy']['top1']:.2f}</td><td>{r['peak_rss_mb']:.0f}</td></tr>"
+        f"<td>{r['latency_ms']['p90']:.3f}</td><td>{100 * _device_accuracy(r):.2f}</td><td>{r['peak_rss_mb']:.0f}</td></tr>"
         for name, r in (devices or {}).items()
     )
     device_table = (
@@ -111,3 +111,9 @@ th{{background:#f3f3f3}}td:first-child{{text-align:left}}img{{max-width:100%}}</
 
 def write_html(run_dir: Path, report: dict[str, Any], devices: dict[str, dict[str, Any]] | None = None) -> Path:
     return write_text(Path(run_dir) / "report.html", to_html(report, devices))
+
+
+def _device_accuracy(result: dict) -> float:
+    """A device result's primary metric (top-1 or a detector's mAP50) in [0, 1]."""
+    accuracy = result.get("accuracy") or {}
+    return accuracy.get("value", accuracy.get("top1", 0.0))

@@ -148,7 +148,8 @@ def _summary(result: dict[str, Any]) -> dict[str, str]:
         "runs": str(result["runs"]),
         "init ms": f"{result['init_ms']:.1f}",
         "peak RSS MB": f"{result['peak_rss_mb']:.1f}",
-        "top-1": f"{100 * result['accuracy']['top1']:.2f}%",
+        (result["accuracy"] or {}).get("metric", "top-1"):
+            f"{100 * (result['accuracy'] or {}).get('value', (result['accuracy'] or {}).get('top1', 0.0)):.2f}%",
         "cpu": f"{facts.get('cpu_model')} x{facts.get('cores')} ({facts.get('arch')})",
     }
 
