@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=100, help="eval images scored (first N of the eval split)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="teacher weights")
     parser.add_argument("--out", type=Path, help="keep outputs here (default: a temporary directory)")
     args = parser.parse_args()
     console = Console(width=150)
@@ -97,7 +98,7 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-detect-"))
     splits = load_dataset("rgbt-synthetic", n_train=256, n_calib=64, n_eval=args.n_eval)
     task = task_for(splits)
-    teacher = build_model("rgbt-vmamba-det", {}, CHECKPOINT)
+    teacher = build_model("rgbt-vmamba-det", {}, args.checkpoint)
     save_weights(teacher, out / "teacher.safetensors")
     art = ModelArtifact(TORCH, out / "teacher.safetensors", ModelSource("rgbt-vmamba-det", {}), (4, 256, 256),
                         module=teacher)  # fmt: skip

@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    parser.add_argument("--init", type=Path, default=None, help="start from these weights (continue a run)")
     args = parser.parse_args()
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"error: {args.out} exists (pass --overwrite to replace it)")
@@ -176,7 +177,7 @@ def main() -> None:
             data_kwargs[key] = getattr(args, key)
     try:
         splits = load_dataset(args.dataset, **data_kwargs)
-        model = build_model(args.model, {"num_classes": splits.num_classes}).train()
+        model = build_model(args.model, {"num_classes": splits.num_classes}, args.init).train()
     except InputError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"{args.model}: {count_params(model):,} parameters; {len(splits.train.images)} training images")
