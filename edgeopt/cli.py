@@ -146,7 +146,7 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
                    task.decide)  # fmt: skip
     console.print(
         f"wrote {path}: parity max abs {check['max_abs']:.2e}, cosine {check['cosine']:.6f}, "
-        f"decision agreement {check['top1_agreement']:.3f}"
+        f"{'top-1' if task.metric == 'top-1' else 'per-anchor class'} agreement {check['top1_agreement']:.3f}"
     )
 
 
