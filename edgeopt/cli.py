@@ -132,11 +132,16 @@ def export_cmd(recipe: Path, fmt: str, out: Path) -> None:
         return
     with progress(f"exporting to {fmt}"):  # a spinner here, a line every 30 s in a CI log
         path = export(fmt, model, example, out)
-    x = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval.x[:256].numpy()
-    check = parity(torch_outputs(model, x), artifact_outputs(ModelArtifact(fmt, path, ModelSource(spec.name), ()), x))
+    from edgeopt.tasks import task_for
+
+    splits = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs)
+    task = task_for(splits)
+    x = task.inputs(splits.eval, 256).numpy()
+    check = parity(torch_outputs(model, x), artifact_outputs(ModelArtifact(fmt, path, ModelSource(spec.name), ()), x),
+                   task.decide)  # fmt: skip
     console.print(
         f"wrote {path}: parity max abs {check['max_abs']:.2e}, cosine {check['cosine']:.6f}, "
-        f"top-1 agreement {check['top1_agreement']:.3f}"
+        f"{'top-1' if task.metric == 'top-1' else 'per-anchor class'} agreement {check['top1_agreement']:.3f}"
     )
 
 
@@ -188,10 +193,13 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
         else:
             from edgeopt.data import load_dataset
             from edgeopt.recipes import load_recipe
+            from edgeopt.tasks import task_for
 
             loaded = load_recipe(recipe)
-            split = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs).eval
-            data = {"eval_x": split.x.numpy(), "eval_y": split.y.numpy()}
+            splits = load_dataset(loaded.dataset.name, **loaded.dataset.kwargs)
+            task = task_for(splits)
+            scoring = task.bundle_eval(splits.eval)
+            data = {"eval_x": task.inputs(splits.eval).numpy(), "eval_y": scoring.pop("eval_y", None), **scoring}
         with tempfile.TemporaryDirectory() as work:
             result = profile_model(artifact, runtime, threads=threads, work_dir=Path(work), runner=runner,
                                    device=device, **data, **timing)
@@ -205,9 +213,10 @@ def profile_cmd(artifact: Path, recipe: Path | None, threads: int | None, profil
 
     lat = Latency.from_profile(result["latency_ms"])
     name, scale = unit([lat])
-    accuracy = f"{100 * result['accuracy']['top1']:.2f}" if result.get("accuracy") else "—"
+    scores = result.get("accuracy") or {}
+    accuracy = f"{100 * scores.get('value', scores.get('top1', 0.0)):.2f}" if scores else "—"
     cells = Cells(["runtime", "threads", f"p50 {name}", f"p10–p90 {name}", f"p99 {name}", "init ms", "peak MB",
-                   "top-1 %"],
+                   f"{scores.get('metric', 'top-1')} %"],
                   [[result["runtime"], str(result["threads"]), ms(lat.p50, scale), spread(lat, scale),
                     ms(lat.p99, scale), f"{result['init_ms']:.1f}", f"{result['peak_rss_mb']:.0f}", accuracy]])
     title = f"{artifact.name}: {measurement(load_profile(profile_name), result).label}"

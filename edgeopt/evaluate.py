@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def size_mb(path: Path) -> float:
 
 
 @torch.no_grad()
-def torch_outputs(module: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+def torch_outputs(module: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 64) -> np.ndarray:
     module = module.eval()
     x = torch.as_tensor(x)
     return torch.cat([module(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
@@ -92,8 +93,10 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray | torch.Tensor) -> floa
     return float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())
 
 
-def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max abs error (absolute and relative to the output scale), cosine, top-1 agreement."""
+def parity(reference: np.ndarray, candidate: np.ndarray, decide: Callable[[np.ndarray], np.ndarray] | None = None
+           ) -> dict[str, float]:
+    """Max abs error (absolute and relative to the output scale), cosine, and how often the two agree
+    on the task's decisions (`decide`, default the arg-max class: top-1 agreement)."""
     ref = np.asarray(reference, dtype=np.float64)
     cand = np.asarray(candidate, dtype=np.float64)
     if ref.shape != cand.shape:
@@ -102,5 +105,6 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     scale = float(np.abs(ref).max()) or 1.0
     a, b = ref.ravel(), cand.ravel()
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-    agree = float((ref.argmax(-1) == cand.argmax(-1)).mean())
+    decide = decide or (lambda out: np.asarray(out).argmax(-1))
+    agree = float((decide(ref) == decide(cand)).mean())
     return {"max_abs": max_abs, "max_rel": max_abs / scale, "cosine": cosine, "top1_agreement": agree}

@@ -24,7 +24,7 @@ import numpy as np
 from edgeopt.artifact import TORCH, ModelArtifact, ModelSource, save_weights
 from edgeopt.data import Splits, load_dataset
 from edgeopt.errors import InputError
-from edgeopt.evaluate import artifact_outputs, count_params, size_mb, top1_accuracy
+from edgeopt.evaluate import artifact_outputs, count_params, size_mb
 from edgeopt.exporters import FORMAT_RUNTIME, SUFFIX, export
 from edgeopt.fileio import exclusive, write_json
 from edgeopt.models import build_model, check_input_shape, resolve_factory
@@ -34,6 +34,7 @@ from edgeopt.profiles import Budgets, Profile
 from edgeopt.progress import step_label
 from edgeopt.recipes import Recipe
 from edgeopt.stepcache import StepCache, default_cache_dir, file_sha256
+from edgeopt.tasks import Task, task_for
 
 MANIFEST = "manifest.json"
 Notify = Callable[[str], None]
@@ -75,6 +76,7 @@ class Pipeline:
         passes = [make_pass(spec.name, spec.config) for spec in self.recipe.passes]  # fail before any work
         splits = load_dataset(self.recipe.dataset.name, **self.recipe.dataset.kwargs)
         self._data_digest = _splits_digest(splits)  # changed files under the same dataset kwargs miss the cache
+        self.task = task_for(splits)
         with exclusive(self.run_dir):  # writable, and no other run on it (checked before any work)
             steps = [self._original(splits)]
             for index, the_pass in enumerate(passes, start=1):
@@ -222,13 +224,16 @@ class Pipeline:
         every step is timed by the same runtime and the ratios between steps
         (e.g. against the original's fp32 export) mean something.
         """
-        eval_x = splits.eval.x.numpy()
-        eval_y = splits.eval.y.numpy()
+        task: Task = self.task
+        eval_x = task.inputs(splits.eval).numpy()
+        scores = task.score(artifact_outputs(artifact, eval_x, self.threads), splits.eval)
         metrics: dict[str, Any] = {
             "format": artifact.format,
             "precision": artifact.precision,
             "size_mb": size_mb(artifact.path),
-            "accuracy": top1_accuracy(artifact_outputs(artifact, eval_x, self.threads), eval_y),
+            "accuracy": scores["accuracy"],  # the task's primary metric in [0, 1]
+            "metric": task.metric,
+            "scores": scores,
         }
         if artifact.format == TORCH:
             module = artifact.load_module()
@@ -240,17 +245,19 @@ class Pipeline:
             timed, runtime = artifact.path, FORMAT_RUNTIME[artifact.format]
         self.notify(f"{step_dir.name}: profiling with {runtime}")
         metrics["runtime"] = runtime
-        metrics["profile"] = self._profile(timed, runtime, eval_x, eval_y, step_dir / "profiled")
+        metrics["profile"] = self._profile(timed, runtime, eval_x, task.bundle_eval(splits.eval), step_dir / "profiled")
         return metrics
 
-    def _profile(self, model: Path, runtime: str, x: np.ndarray, y: np.ndarray, work_dir: Path) -> dict[str, Any]:
+    def _profile(self, model: Path, runtime: str, x: np.ndarray, scoring: dict[str, Any], work_dir: Path
+                 ) -> dict[str, Any]:
         from edgeopt.profiler.runners import profile_model
 
         return profile_model(
             model,
             runtime,
             x,
-            y,
+            scoring.pop("eval_y", None),
+            **scoring,
             threads=self.threads,
             work_dir=work_dir,
             runner=self.runner,
@@ -290,14 +297,16 @@ class Pipeline:
                 runtime = "tensorrt"
             except InputError as error:
                 self.notify(f"bundle: runs with onnxruntime, TensorRT would refuse this model: {error}")
+        scoring = self.task.bundle_eval(splits.eval)
         make_bundle(
             final.artifact.path,
             runtime,
-            splits.eval.x.numpy(),
-            splits.eval.y.numpy(),
+            self.task.inputs(splits.eval).numpy(),
+            scoring.pop("eval_y", None),
             self.run_dir / "bundle",
             threads=self.profile.threads,  # the bundle is for the device
             precision=final.artifact.precision if runtime == "tensorrt" else None,
+            **scoring,
         )
 
     def _data_key(self) -> dict[str, Any]:
@@ -388,14 +397,16 @@ def _source_hash(obj: Any) -> str | None:
         return None
 
 
-def _splits_digest(splits: Splits) -> str:
-    """Hash of every split's samples and labels: a user's image folder or `module:factory` data can
-    change while the recipe stays the same."""
+def _splits_digest(splits: Any) -> str:
+    """Hash of every split's samples and labels (classification: x, y; detection: images, boxes,
+    labels): a user's image folder or `module:factory` data can change while the recipe stays the same."""
     digest = hashlib.sha256()
     for split in (splits.train, splits.calib, splits.eval):
-        for tensor in (split.x, split.y):
-            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-            digest.update(tensor.contiguous().numpy().tobytes())
+        arrays = (split.x, split.y) if hasattr(split, "x") else (split.images, *split.boxes, *split.labels)
+        for array in arrays:
+            array = np.ascontiguousarray(array.numpy() if hasattr(array, "numpy") else array)
+            digest.update(str((array.shape, array.dtype)).encode())
+            digest.update(array.tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -42,6 +42,7 @@ class Recipe(_Strict):
     dataset: DatasetSpec
     passes: list[Step] = Field(min_length=1)
     budgets: dict[str, Budgets] = Field(default={}, description="per-profile overrides of the profile's budgets")
+    profiles: list[str] | None = Field(None, description="profiles `edgeopt regress` runs this recipe for (default: all)")
     seed: int = 0
 
     @field_validator("passes", mode="before")
@@ -65,6 +66,14 @@ class Recipe(_Strict):
 def load_recipe(path: Path) -> Recipe:
     recipe = load_model_yaml(Path(path), Recipe)
     recipe.budgets = _budgets_by_name(recipe.budgets, Path(path))
+    if recipe.profiles:
+        from edgeopt.errors import unknown_name
+        from edgeopt.profiles import is_profile_path, profile_paths
+
+        known = profile_paths()
+        for profile in recipe.profiles:
+            if not is_profile_path(profile) and profile not in known:
+                raise InputError(f"{path}: profiles: {unknown_name('profile', profile, known)}")
     if recipe.model.checkpoint is not None and not recipe.model.checkpoint.is_absolute():
         # checkpoints are relative to the repository root (the recipe's parent's parent) or the CWD
         for base in (Path(path).resolve().parent.parent, Path.cwd()):

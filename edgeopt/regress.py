@@ -173,6 +173,8 @@ def run_regression(
         for profile in profiles:
             if only_profiles and profile.name not in only_profiles:
                 continue
+            if recipe.profiles is not None and profile.name not in recipe.profiles:
+                continue  # e.g. a detector recipe made for one board
             key = f"{recipe.name}@{profile.name}"
             run_dir = out / f"{recipe.name}-{profile.name}"
             shutil.rmtree(run_dir, ignore_errors=True)  # latency ratios must come from one fresh run

@@ -22,14 +22,20 @@ import torch
 from edgeopt.artifact import TORCH, ModelArtifact, ModelSource, save_weights
 from edgeopt.data import load_dataset
 from edgeopt.errors import InputError
-from edgeopt.evaluate import top1_accuracy, torch_outputs
+from edgeopt.evaluate import torch_outputs
 from edgeopt.fileio import exclusive, write_json, write_with
-from edgeopt.lowrank.measure import export_for_timing, macs, ort_latency_ms, params, ss2d_params
+from edgeopt.lowrank.measure import export_for_timing, macs, ort_latency_ms, params, scan_flops, ss2d_params
 from edgeopt.models import build_model, check_input_shape
 from edgeopt.passes import PassContext, make_pass
 from edgeopt.profiles import load_profile
 from edgeopt.progress import step_label
 from edgeopt.recipes import Recipe, load_recipe
+from edgeopt.tasks import task_for
+
+# DLRMamba Table VI (VEDAI, Raspberry Pi 5, FP32): rank ratio -> (mAP50, FPS), for reference beside
+# a detector sweep; their teacher: 81.5 mAP50, 0.42 FPS.
+PAPER_TABLE_VI = {0.65: (80.2, 0.64), 0.60: (79.6, 0.98), 0.55: (76.7, 1.13), 0.50: (75.5, 1.22)}
+PAPER_TEACHER = (81.5, 0.42)
 
 
 @dataclass
@@ -39,8 +45,9 @@ class Row:
     params: int
     ss2d_params: int
     macs: int
-    accuracy_lowrank: float | None  # eval top-1 right after factorization
-    accuracy: float  # eval top-1 (after distillation for students)
+    accuracy_lowrank: float | None  # eval primary metric (top-1 / mAP50) right after factorization
+    accuracy: float  # eval primary metric (after distillation for students)
+    scan_flops: int = 0  # the selective scans' elementwise work, invisible to MACs
     latency_ms: float = float("nan")
     distill: dict[str, Any] | None = None
     artifact: dict[str, Any] | None = None  # the distilled student (ModelArtifact.to_json), for resuming
@@ -69,17 +76,18 @@ def run_sweep(
     teacher = ModelArtifact(TORCH, out_dir / "teacher.safetensors", ModelSource(spec.name, dict(spec.kwargs)),
                             tuple(spec.input_shape), module=teacher_module)  # fmt: skip
     example = teacher.example_input(1)
-    eval_x, eval_y = splits.eval.x, splits.eval.y
+    task = task_for(splits)
+    eval_x = task.inputs(splits.eval)
 
     def accuracy(module: torch.nn.Module) -> float:
-        return top1_accuracy(torch_outputs(module, eval_x), eval_y)
+        return task.score(torch_outputs(module, eval_x, batch_size=32), splits.eval)["accuracy"]
 
     key = _sweep_key(recipe, lowrank_cfg, distill_cfg, profile_name)
     finished = _finished_rows(out_dir / SWEEP_JSON, key)
     rows = [Row("teacher", None, params(teacher_module), ss2d_params(teacher_module), macs(teacher_module, example),
-                None, accuracy(teacher_module))]  # fmt: skip
+                None, accuracy(teacher_module), scan_flops(teacher_module, example))]  # fmt: skip
     onnx = {"teacher": export_for_timing(teacher_module, example, out_dir / "teacher.onnx")}
-    _write_rows(out_dir, recipe.name, key, rows)
+    _write_rows(out_dir, recipe.name, key, rows, task.metric)
     for ratio in ratios:
         name = f"ratio {ratio:.2f}"
         step = out_dir / f"ratio-{ratio:.2f}"
@@ -92,25 +100,26 @@ def run_sweep(
             ctx.step_dir.mkdir(parents=True, exist_ok=True)
             student = make_pass("lowrank", {**lowrank_cfg, "rank_ratio": ratio}).run(teacher, ctx)
             lowrank_acc = accuracy(student.load_module())
-            log(f"{name}: factorized, eval top-1 {100 * lowrank_acc:.2f}% before distillation")
+            log(f"{name}: factorized, eval {task.metric} {100 * lowrank_acc:.2f} before distillation")
             dctx = PassContext(splits, profile, step / "distill", [teacher, student], seed=recipe.seed)
             dctx.step_dir.mkdir(parents=True, exist_ok=True)
             with step_label(f"sweep {name}"):  # distill's progress lines in a CI log name the ratio
                 result = make_pass("distill", distill_cfg).run(student, dctx)
             distilled = result.load_module()
             row = Row(name, ratio, params(distilled), ss2d_params(distilled), macs(distilled, example), lowrank_acc,
-                      accuracy(distilled), distill={k: v for k, v in dctx.metrics.items() if k != "history"},
+                      accuracy(distilled), scan_flops(distilled, example),
+                      distill={k: v for k, v in dctx.metrics.items() if k != "history"},
                       artifact=result.to_json())  # fmt: skip
-            log(f"{name}: distilled, eval top-1 {100 * row.accuracy:.2f}% ({row.distill['steps']} steps)")
+            log(f"{name}: distilled, eval {task.metric} {100 * row.accuracy:.2f} ({row.distill['steps']} steps)")
         rows.append(row)
         onnx[name] = export_for_timing(distilled, example, step / "student.onnx")
-        _write_rows(out_dir, recipe.name, key, rows)  # a later failure or timeout keeps this row
+        _write_rows(out_dir, recipe.name, key, rows, task.metric)  # a later failure or timeout keeps this row
     log(f"timing {len(onnx)} ONNX models side by side ({threads} thread{'s' * (threads > 1)})")
     latency = ort_latency_ms(onnx, example.numpy(), threads=threads)
     for row in rows:
         row.latency_ms = latency[row.name]
-    _write_rows(out_dir, recipe.name, key, rows)
-    pareto_plot(rows, out_dir / "pareto.png", recipe.name)
+    _write_rows(out_dir, recipe.name, key, rows, task.metric)
+    pareto_plot(rows, out_dir / "pareto.png", recipe.name, task.metric)
     return rows
 
 
@@ -130,13 +139,14 @@ def _sweep_key(recipe: Recipe, lowrank_cfg: dict[str, Any], distill_cfg: dict[st
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_rows(out_dir: Path, recipe_name: str, key: str, rows: list[Row]) -> None:
+def _write_rows(out_dir: Path, recipe_name: str, key: str, rows: list[Row], metric: str) -> None:
     def plain(row: Row) -> dict[str, Any]:
         data = asdict(row)
         data["latency_ms"] = None if math.isnan(row.latency_ms) else row.latency_ms  # not yet timed
         return data
 
-    write_json(out_dir / SWEEP_JSON, {"recipe": recipe_name, "key": key, "rows": [plain(r) for r in rows]})
+    write_json(out_dir / SWEEP_JSON, {"recipe": recipe_name, "metric": metric, "key": key,
+                                      "rows": [plain(r) for r in rows]})
 
 
 def _finished_rows(path: Path, key: str) -> dict[float, Row]:
@@ -157,26 +167,37 @@ def _step_config(recipe: Recipe, name: str) -> dict[str, Any]:
     return next((dict(s.config) for s in recipe.passes if s.name == name), {})
 
 
-def table(rows: list[Row]):  # noqa: ANN201
-    """DLRMamba's sweep table: ratio, params, accuracy without / with distillation, latency."""
+def table(rows: list[Row], metric: str = "top-1"):  # noqa: ANN201
+    """DLRMamba's Table VI layout: ratio, params, MMACs (+ scan work), metric without / with
+    distillation, latency and FPS; for a detector also the paper's mAP50 / Pi 5 FPS per ratio."""
     from rich.table import Table
 
     teacher = rows[0]
-    out = Table(title="rank-ratio sweep (accuracy: eval top-1; latency: ONNX Runtime, batch 1)")
-    for column in ("model", "params", "SS2D params", "MMACs", "top-1 no distill", "top-1 distilled",
-                   "latency ms", "speedup"):  # fmt: skip
+    paper = metric == "mAP50"
+    out = Table(title=f"rank-ratio sweep ({metric} on the eval split; latency: ONNX Runtime, batch 1)")
+    columns = ["model", "params", "SS2D params", "MMACs", "scan MFLOPs", f"{metric} no distill",
+               f"{metric} distilled", "latency ms", "FPS", "speedup"]  # fmt: skip
+    if paper:
+        columns += ["paper mAP50", "paper Pi 5 FPS"]
+    for column in columns:
         out.add_column(column, justify="left" if column == "model" else "right")
     for r in rows:
-        out.add_row(
+        cells = [
             r.name, f"{r.params:,}",
             f"{r.ss2d_params:,} ({r.ss2d_params / teacher.ss2d_params:.0%})" if teacher.ss2d_params else "-",
-            f"{r.macs / 1e6:.2f}", "-" if r.accuracy_lowrank is None else f"{100 * r.accuracy_lowrank:.2f}%",
-            f"{100 * r.accuracy:.2f}%", f"{r.latency_ms:.3f}", f"{teacher.latency_ms / r.latency_ms:.2f}x",
-        )  # fmt: skip
+            f"{r.macs / 1e6:.2f}", f"{r.scan_flops / 1e6:.2f}",
+            "-" if r.accuracy_lowrank is None else f"{100 * r.accuracy_lowrank:.2f}",
+            f"{100 * r.accuracy:.2f}", f"{r.latency_ms:.3f}", f"{1e3 / r.latency_ms:.1f}",
+            f"{teacher.latency_ms / r.latency_ms:.2f}x",
+        ]  # fmt: skip
+        if paper:
+            ref = PAPER_TEACHER if r.ratio is None else PAPER_TABLE_VI.get(round(r.ratio, 2))
+            cells += [f"{ref[0]:.1f}", f"{ref[1]:.2f}"] if ref else ["-", "-"]
+        out.add_row(*cells)
     return out
 
 
-def pareto_plot(rows: list[Row], path: Path, title: str) -> Path:
+def pareto_plot(rows: list[Row], path: Path, title: str, metric: str = "top-1") -> Path:
     """Accuracy vs latency: teacher, students with and without distillation, and the Pareto front."""
     import matplotlib
 
@@ -200,7 +221,7 @@ def pareto_plot(rows: list[Row], path: Path, title: str) -> Path:
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", label="Pareto front")
     ax.set(
         xlabel="ONNX Runtime latency (ms, batch 1)",
-        ylabel="eval top-1 (%)",
+        ylabel=f"eval {metric} (points)",
         title=f"{title}: accuracy vs latency",
     )
     ax.grid(alpha=0.3)
@@ -247,6 +268,8 @@ def sweep(
     recipe: Path, rank_ratios: str, profile_name: str, out: Path | None, steps: int | None, threads: int
 ) -> None:
     """Factorize RECIPE's model at each rank ratio, distill, and compare accuracy and latency."""
+    import json
+
     from edgeopt.console import shared_console
 
     console = shared_console()
@@ -258,5 +281,5 @@ def sweep(
     with exclusive(out_dir):  # writable, and no second sweep writing the same rows
         rows = run_sweep(loaded, ratios, out_dir, profile_name, {"steps": steps} if steps else None, threads,
                          log=console.log)  # fmt: skip
-    console.print(table(rows))
+    console.print(table(rows, json.loads((out_dir / SWEEP_JSON).read_text())["metric"]))
     console.print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'pareto.png'}")

@@ -7,13 +7,15 @@ same bytes with one torch build; the committed file came from an earlier one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from edgeopt.data import Split, Splits
-from edgeopt.evaluate import top1_accuracy, torch_outputs
+from edgeopt.data import Splits
+from edgeopt.evaluate import torch_outputs
 from edgeopt.progress import progress
+from edgeopt.tasks import ClassificationTask, Task, task_for
 
 
 def train_classifier(
@@ -25,7 +27,9 @@ def train_classifier(
     seed: int = 0,
     weight_decay: float = 1e-4,
 ) -> float:
-    """AdamW + cosine schedule on the train split; returns eval top-1."""
+    """AdamW + one-cycle schedule on the train split with the task's loss; returns the eval split's
+    primary metric (top-1 for classifiers, mAP50 for detectors)."""
+    task = task_for(splits)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -37,17 +41,19 @@ def train_classifier(
             order = torch.randperm(len(splits.train), generator=generator)
             for i in range(0, len(order), batch_size):
                 idx = order[i : i + batch_size]
-                loss = F.cross_entropy(model(splits.train.x[idx]), splits.train.y[idx])
+                x, y = task.batch(splits.train, idx)
+                loss = task.loss(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 bar.advance(info=f"epoch {epoch + 1}/{epochs}, loss {float(loss.detach()):.3f}")
-    return evaluate(model, splits.eval)
+    return evaluate(model, splits.eval, task)
 
 
-def evaluate(model: nn.Module, split: Split) -> float:
-    return top1_accuracy(torch_outputs(model.eval(), split.x), split.y)
+def evaluate(model: nn.Module, split: Any, task: Task | None = None) -> float:
+    task = task or ClassificationTask()
+    return task.score(torch_outputs(model.eval(), task.inputs(split)), split)["accuracy"]
 
 
 def main(argv: list[str] | None = None) -> None:

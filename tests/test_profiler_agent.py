@@ -20,7 +20,8 @@ from edgeopt.profiler import DeviceError, make_bundle, profile_bundle, profile_m
 from edgeopt.profiler.bundle import AGENT_PATH
 
 FAST = {"runs": 10, "min_seconds": 0.0, "warmup": 1}
-ALLOWED_LAZY = {"numpy", "onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorrt", "cuda",
+ALLOWED_LAZY = {"yolo_decode",  # the bundle's own numpy decoder (detector bundles)
+                "numpy", "onnxruntime", "ai_edge_litert", "tflite_runtime", "tensorrt", "cuda",
                 "executorch", "torch"}  # torch: only ExecuTorch's Python runtime (.pte bundles) needs it
 
 

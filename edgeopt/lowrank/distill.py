@@ -1,8 +1,8 @@
 """Structure-aware distillation of a factorized student from its full-rank teacher (DLRMamba).
 
-loss = w_task CE + w_svd L_SVD + w_state L_state + w_feat L_feat (+ w_kl KL). AdamW with a cosine
-schedule; every `eval_every` steps the student's top-1 on the calibration split (held out from
-training, and never the split accuracy is reported on) decides early stopping and which weights
+loss = w_task L_task + w_svd L_SVD + w_state L_state + w_feat L_feat (+ w_kl KL). AdamW with a cosine
+schedule; every `eval_every` steps the student's primary metric (the task's: top-1, mAP50) on the
+calibration split (held out from training, and never the split accuracy is reported on) decides early stopping and which weights
 are kept. Batches and sampled scan steps are a pure function of (seed, step), so a run resumed
 from `work_dir/resume.pt` continues exactly where it stopped.
 """
@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from edgeopt.data import Split, Splits
-from edgeopt.evaluate import top1_accuracy, torch_outputs
+from edgeopt.evaluate import torch_outputs
 from edgeopt.fileio import write_with
 from edgeopt.lowrank.losses import (
     Pairs,
@@ -35,6 +33,7 @@ from edgeopt.lowrank.losses import (
 )
 from edgeopt.lowrank.plan import factor_pairs
 from edgeopt.progress import progress as track_progress
+from edgeopt.tasks import Task, task_for
 
 RESUME = "resume.pt"
 
@@ -61,25 +60,28 @@ class DistillSettings:
 def distill(
     student: nn.Module,
     teacher: nn.Module,
-    splits: Splits,
+    splits: Any,
     ranks: dict[str, int],
     teacher_pairs: Pairs,
     settings: DistillSettings,
     kept_modes: dict[str, torch.Tensor] | None = None,
     work_dir: Path | None = None,
     progress: bool = True,
+    task: Task | None = None,
 ) -> dict[str, Any]:
-    """Train `student` in place (ending on its best calibration checkpoint); returns metrics."""
+    """Train `student` in place (ending on its best calibration checkpoint); returns metrics.
+    `task` (default: the splits' own) gives the batches, L_task and the calibration score."""
     s = settings
+    task = task or task_for(splits)
     torch.manual_seed(s.seed)
     teacher.eval()  # only ever run under no_grad
-    projections = _projections(student, teacher, splits.train.x[:2], kept_modes)
+    projections = _projections(student, teacher, task.inputs(splits.train, 2), kept_modes)
     params = [*student.parameters(), *projections.parameters()]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps))
     )
-    state = {"step": 0, "best": _score(student, splits.calib), "best_step": 0, "bad_evals": 0, "history": []}
+    state = {"step": 0, "best": _score(student, task, splits.calib), "best_step": 0, "bad_evals": 0, "history": []}
     best_weights = _clone(student)
     resume = Path(work_dir) / RESUME if work_dir else None
     run_id = _fingerprint(student, teacher, ranks, settings)
@@ -95,7 +97,7 @@ def distill(
         while state["step"] < s.steps and state["bad_evals"] < s.patience:
             step = state["step"]
             student.train()
-            terms = _losses(student, teacher, splits.train, ranks, teacher_pairs, projections, s, step)
+            terms = _losses(student, teacher, task, splits.train, ranks, teacher_pairs, projections, s, step)
             loss = sum(w * terms[k] for k, w in _weights(s).items() if w and k in terms)
             optimizer.zero_grad()
             loss.backward()
@@ -104,8 +106,8 @@ def distill(
             state["step"] = step + 1
             out_of_time = s.max_seconds is not None and time.perf_counter() - start > s.max_seconds
             if state["step"] % s.eval_every == 0 or state["step"] == s.steps or out_of_time:
-                score = _score(student, splits.calib)
-                state["history"].append({"step": state["step"], "calib_top1": score[0], "calib_ce": score[1],
+                score = _score(student, task, splits.calib)
+                state["history"].append({"step": state["step"], "calib_accuracy": score[0], "calib_tiebreak": score[1],
                                          **{k: float(v.detach()) for k, v in terms.items()}})  # fmt: skip
                 if score > tuple(state["best"]):
                     state.update(best=score, best_step=state["step"], bad_evals=0)
@@ -119,7 +121,8 @@ def distill(
                 break
     student.load_state_dict(best_weights)
     student.eval()
-    return {"steps": state["step"], "best_step": state["best_step"], "calib_top1": state["best"][0],
+    return {"steps": state["step"], "best_step": state["best_step"], "calib_accuracy": state["best"][0],
+            "metric": task.metric,
             "stopped_early": state["step"] < s.steps, "history": state["history"]}  # fmt: skip
 
 
@@ -134,13 +137,13 @@ def _weights(s: DistillSettings) -> dict[str, float]:
     return {"task": s.w_task, "svd": s.w_svd, "state": s.w_state, "feat": s.w_feat, "kl": s.w_kl}
 
 
-def _losses(student, teacher, train: Split, ranks, teacher_pairs, projections, s: DistillSettings, step: int):  # noqa: ANN001
-    x, y = _batch(train, s, step)
+def _losses(student, teacher, task: Task, train: Any, ranks, teacher_pairs, projections, s: DistillSettings, step: int):  # noqa: ANN001
+    x, y = task.batch(train, _batch_indices(len(train), s, step))
     with torch.no_grad(), capture_ss2d(teacher, states=s.w_state > 0) as t:
         t_logits = teacher(x)
     with capture_ss2d(student, states=s.w_state > 0) as c:
         logits = student(x)
-    terms = {"task": F.cross_entropy(logits, y)}
+    terms = {"task": task.loss(logits, y)}
     if s.w_svd and teacher_pairs:
         terms["svd"] = svd_loss(factor_pairs(student, ranks), teacher_pairs)
     # A model without SS2D blocks (an MLP, a CNN) has no states or block outputs to match:
@@ -162,13 +165,12 @@ def _positions(length: int, count: int, g: torch.Generator) -> torch.Tensor | No
     return None if length <= count else torch.randperm(length, generator=g)[:count]
 
 
-def _batch(train: Split, s: DistillSettings, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_indices(n: int, s: DistillSettings, step: int) -> torch.Tensor:
     """The step's batch: epoch e is a permutation seeded by (seed, e), so it depends only on the step."""
-    per_epoch = max(1, len(train) // s.batch_size)
+    per_epoch = max(1, n // s.batch_size)
     epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(s.seed * 7919 + epoch))
-    idx = order[index * s.batch_size : (index + 1) * s.batch_size]
-    return train.x[idx], train.y[idx]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 7919 + epoch))
+    return order[index * s.batch_size : (index + 1) * s.batch_size]
 
 
 def _projections(
@@ -180,11 +182,12 @@ def _projections(
     return state_projections(c.states, t.states, modes)
 
 
-def _score(model: nn.Module, split: Split) -> tuple[float, float]:
-    """(top-1, -cross-entropy) on a split: higher is better, ties broken by the loss."""
-    logits = torch_outputs(model, split.x)
-    ce = float(F.cross_entropy(torch.from_numpy(logits), split.y))
-    return (top1_accuracy(logits, split.y), -ce)
+def _score(model: nn.Module, task: Task, split: Any) -> tuple[float, float]:
+    """(primary metric, tie-breaker) on a split, higher is better: top-1 then -cross-entropy for a
+    classifier, mAP50 then mAP50-95 for a detector."""
+    scores = task.score(torch_outputs(model, task.inputs(split), batch_size=32), split)
+    tiebreak = -scores["cross_entropy"] if "cross_entropy" in scores else scores.get("map50_95", 0.0)
+    return (scores["accuracy"], tiebreak)
 
 
 def _clone(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -35,6 +35,33 @@ def macs(model: nn.Module, example: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
+SCAN_FLOPS_PER_UPDATE = 5  # exp(delta*A) mul, delta*B*u (2 muls), h*dA + dBu (2), read-out add folded in
+
+
+@torch.no_grad()
+def scan_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """The selective scans' elementwise work in one forward: ~5 flops per (d, l, n) state update,
+    summed over every SS2D block (K directions x d_inner channels x L tokens x N states).
+
+    `torch.utils.flop_counter` counts matrix products only, so this work — linear in the state size
+    N, the thing Low-Rank SS2D's state truncation cuts — never shows in MACs; report it beside them."""
+    total = 0
+
+    def hook(module: SS2D, args: tuple[torch.Tensor, ...]) -> None:
+        nonlocal total
+        batch, H, W = args[0].shape[0], args[0].shape[1], args[0].shape[2]
+        states = module.A().shape  # (K * d_inner, N), N after any state truncation
+        total += SCAN_FLOPS_PER_UPDATE * batch * states[0] * states[1] * H * W
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, SS2D)]
+    try:
+        model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
 def export_for_timing(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     """ONNX with the example's static shape: latency is measured at one batch size, so the graph
     need not carry a dynamic batch dimension (nor the shape guards that come with one)."""

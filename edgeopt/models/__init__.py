@@ -126,4 +126,5 @@ def _load_builtins() -> None:
 
 
 # Each built-in model family lives in its own module and registers on import.
-_BUILTIN_MODULES = ["edgeopt.models.mlp", "edgeopt.models.vmamba", "edgeopt.models.moe"]
+_BUILTIN_MODULES = ["edgeopt.models.mlp", "edgeopt.models.vmamba", "edgeopt.models.moe",
+                    "edgeopt.models.fusion_det"]

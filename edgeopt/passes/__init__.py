@@ -20,6 +20,7 @@ from edgeopt.data import Splits
 from edgeopt.errors import InputError
 from edgeopt.profiles import Profile
 from edgeopt.registry import Registry
+from edgeopt.tasks import Task, task_for
 
 
 class PassConfig(BaseModel):
@@ -40,6 +41,11 @@ class PassContext:
     @property
     def original(self) -> ModelArtifact:
         return self.history[0]
+
+    @property
+    def task(self) -> Task:
+        """The task of the recipe's data (its inputs, loss, metric): passes stay task-blind."""
+        return task_for(self.splits)
 
 
 class Pass(ABC):

@@ -49,7 +49,7 @@ class DistillPass(Pass):
 
         teacher_artifact, edit = find_teacher(artifact, ctx.history)
         teacher, student = teacher_artifact.load_module(), copy_module(artifact)
-        calib_x = ctx.splits.calib.x[: edit.get("calib_samples", 128)]
+        calib_x = ctx.task.inputs(ctx.splits.calib, edit.get("calib_samples", 128))
         pairs, made = teacher_factors(teacher, edit["ranks"], calib_x, bool(edit.get("whiten")),
                                       edit.get("state_modes"))  # recorded by lowrank (older edits: recomputed)
         options = self.config.model_dump()

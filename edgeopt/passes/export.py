@@ -50,8 +50,8 @@ class ExportPass(Pass):
         with progress(f"exporting to {fmt}"):  # no total: a heartbeat line in CI logs
             path = export(fmt, module, artifact.example_input(2), ctx.step_dir / f"model{SUFFIX[fmt]}")
         exported = replace(artifact, format=fmt, path=path, module=None)
-        x = ctx.splits.eval.x[: self.config.parity_samples].numpy()
-        check = parity(torch_outputs(module, x), artifact_outputs(exported, x))
+        x = ctx.task.inputs(ctx.splits.eval, self.config.parity_samples).numpy()
+        check = parity(torch_outputs(module, x), artifact_outputs(exported, x), ctx.task.decide)
         ctx.metrics["parity"] = check
         if check["max_rel"] > self.config.max_rel_error or check["top1_agreement"] < self.config.min_top1_agreement:
             path.unlink(missing_ok=True)

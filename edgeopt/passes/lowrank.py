@@ -89,7 +89,7 @@ class LowRankPass(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         cfg = self.config
-        calib_x = ctx.splits.calib.x[: cfg.calib_samples]
+        calib_x = ctx.task.inputs(ctx.splits.calib, cfg.calib_samples)
         scratch = copy_module(artifact)  # plans are made on a copy: the input module stays the teacher
         before = count_params(scratch)
         ranks = plan_ranks(scratch, cfg, calib_x)

@@ -31,7 +31,7 @@ from edgeopt.passes.export import host_format
 from edgeopt.profiles import Profile
 from edgeopt.quantize import onnx_quant, parity, quantizable_layers, tflite_quant
 from edgeopt.quantize.op_location import runtime_rejection, with_module
-from edgeopt.quantize.sensitivity import accuracy, select_float_layers
+from edgeopt.quantize.sensitivity import select_float_layers
 
 RUNNERS = {"onnx": run_onnx, "tflite": run_tflite}
 
@@ -92,8 +92,14 @@ class QuantizePass(Pass):
         unknown = sorted(set(cfg.keep_float) - {name for name, _ in module.named_modules()})
         if unknown:
             raise ExportError(f"quantize: keep_float names no module: {', '.join(unknown)} (layers: {', '.join(layers)})")
-        calib_x = ctx.splits.calib.x[: cfg.calibration_samples].numpy()
-        eval_x, eval_y = ctx.splits.eval.x.numpy(), ctx.splits.eval.y.numpy()
+        task = ctx.task
+        calib_x = task.inputs(ctx.splits.calib, cfg.calibration_samples).numpy()
+        eval_x = task.inputs(ctx.splits.eval).numpy()
+
+        def accuracy(outputs: np.ndarray, split=ctx.splits.eval) -> float:  # noqa: ANN001
+            """The task's primary metric in points (0–100), the unit of `max_accuracy_drop`."""
+            return 100.0 * task.score(outputs, split)["accuracy"]
+
         module_names = [name for name, _ in module.named_modules() if name]
 
         def run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -103,7 +109,7 @@ class QuantizePass(Pass):
                 raise ExportError(f"quantize {cfg.mode}: " + runtime_rejection(fmt, path, exc, module_names)) from exc
 
         reference = torch_outputs(module, eval_x)
-        float_accuracy = accuracy(reference, eval_y)
+        float_accuracy = accuracy(reference)
         out = ctx.step_dir / f"model{SUFFIX[fmt]}"
 
         with tempfile.TemporaryDirectory() as work:
@@ -129,14 +135,18 @@ class QuantizePass(Pass):
                     raise ExportError("quantize: mixed_precision needs max_accuracy_drop (in the pass or the profile budgets)")
                 candidates = [name for name in layers if name not in cfg.keep_float]
                 # the budget is tuned on the whole calibration split; eval stays held out for the report
-                tune_x, tune_y = ctx.splits.calib.x.numpy(), ctx.splits.calib.y.numpy()
+                tune_x = task.inputs(ctx.splits.calib).numpy()
+
+                def tune_score(outputs: np.ndarray) -> float:
+                    return accuracy(outputs, ctx.splits.calib)
+
                 mixed = select_float_layers(
-                    candidates, build, run, calib_x, torch_outputs(module, calib_x), tune_x, tune_y,
-                    accuracy(torch_outputs(module, tune_x), tune_y), budget
+                    candidates, build, run, calib_x, torch_outputs(module, calib_x), tune_x, tune_score,
+                    tune_score(torch_outputs(module, tune_x)), budget
                 )
                 if mixed.drop > budget:
                     raise ExportError(
-                        f"quantize: {fmt} {cfg.mode} drops top-1 by {mixed.drop:.2f} points even with every layer in float "
+                        f"quantize: {fmt} {cfg.mode} drops {task.metric} by {mixed.drop:.2f} points even with every layer in float "
                         f"(budget {budget}); use a higher precision"
                     )
             keep_float = [*cfg.keep_float, *(mixed.keep_float if mixed else [])]
@@ -146,7 +156,7 @@ class QuantizePass(Pass):
             try:  # a file that does not load or drifts past the thresholds is not left behind
                 candidate = run(out, eval_x)
                 figures = parity.check(
-                    reference[:n], candidate[:n], precision, f"{fmt} {cfg.mode}",
+                    reference[:n], candidate[:n], precision, f"{fmt} {cfg.mode}", decide=task.decide,
                     thresholds=self._thresholds(precision),
                     worst_layer=partial(worst_layer, fmt, fp32, out, eval_x[:8], module_names),
                 )
@@ -155,7 +165,7 @@ class QuantizePass(Pass):
                 raise
             make_deployable(out)  # after the check: its worst-layer search matches names with fp32
 
-        quant_accuracy = accuracy(candidate, eval_y)
+        quant_accuracy = accuracy(candidate)
         ctx.metrics.update(
             format=fmt,
             mode=cfg.mode,

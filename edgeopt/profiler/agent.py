@@ -723,6 +723,30 @@ def _count_correct(model, eval_x, eval_y, batch_size: int) -> int:
     return correct
 
 
+def _detect(model, eval_x, batch_size: int, settings: dict, bundle: str) -> list:
+    """Raw detector outputs -> per image [[x1, y1, x2, y2, score, label], ...] with the bundle's
+    own `yolo_decode.py` (numpy), so every runtime's outputs are decoded the same way."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.abspath(bundle))
+    try:
+        import yolo_decode
+    except ImportError as exc:
+        raise AgentError("bad_bundle", f"detector bundle without its decoder: {exc}") from None
+    finally:
+        sys.path.pop(0)
+    detections = []
+    for batch, n in _batches(eval_x, batch_size):
+        raw = np.asarray(model.run(batch))
+        raw = raw.reshape(batch_size, -1, raw.shape[-1])[:n]
+        for boxes, scores, labels in yolo_decode.postprocess(
+            raw, settings["img_size"], settings["strides"], settings["conf_threshold"],
+            settings["iou_threshold"], settings["max_det"]):
+            rows = np.concatenate([boxes, scores[:, None], labels[:, None].astype(np.float32)], axis=1)
+            detections.append(np.round(rows.astype(np.float64), 3).tolist())
+    return detections
+
+
 def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warmup: int, threads: int | None,
             engine_cache: str | None = None) -> dict:
     """Profile a bundle. A tensorrt bundle with an ONNX model first gets its engine from
@@ -744,7 +768,8 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
     import numpy as np
 
     with np.load(os.path.join(bundle, meta.get("eval", "eval.npz"))) as data:
-        eval_x, eval_y = data["x"], data["y"]
+        eval_x = data["x"]
+        eval_y = data["y"] if "y" in data.files else None
 
     runtime_path, engine = model_path, None
     if runtime == "tensorrt" and model_path.endswith(".onnx"):
@@ -763,8 +788,15 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
     for _ in range(warmup):
         model.run(sample)
     times, elapsed = _time_runs(model, sample, runs, min_seconds, max_seconds)
+    postprocess = meta.get("postprocess")
     labelled = meta.get("labels", True)  # a bare model file is timed on synthetic inputs, without labels
-    correct = _count_correct(model, eval_x, eval_y, batch_size) if labelled else None
+    detections, accuracy = None, None
+    if postprocess:  # a detector: decoded here, scored (mAP) by the host from the bundle's ground truth
+        detections = _detect(model, eval_x, batch_size, postprocess, bundle)
+    elif labelled:
+        correct = _count_correct(model, eval_x, eval_y, batch_size)
+        accuracy = {"top1": correct / len(eval_y), "correct": correct, "total": int(len(eval_y)),
+                    "metric": "top-1", "value": correct / len(eval_y)}
 
     result = {
         "schema": SCHEMA,
@@ -783,13 +815,15 @@ def profile(bundle: str, runs: int, min_seconds: float, max_seconds: float, warm
         "latency_ms": _latency_stats(times),
         "baseline_rss_mb": baseline_rss,
         "peak_rss_mb": _peak_rss_mb(),
-        "accuracy": {"top1": correct / len(eval_y), "correct": correct, "total": int(len(eval_y))} if labelled else None,
+        "accuracy": accuracy,
         "device": device_facts(),
     }
     # latency under an emulator is not device latency; accuracy and outputs still are the device code's
     result["emulated"] = result["device"]["emulated"] is not None
     if engine is not None:
         result["engine"] = engine
+    if postprocess:
+        result["detections"] = detections
     return result
 
 

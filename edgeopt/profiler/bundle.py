@@ -1,7 +1,9 @@
 """A bundle is everything the device needs to profile one model, in one directory.
 
     model.<onnx|tflite|engine|pte>  the artifact
-    eval.npz                     x (inputs) and y (integer labels) of the eval split
+    eval.npz                     x (inputs) and y (integer labels) of the eval split; for a detector
+                                 the ground truth instead (boxes, labels, counts per image)
+    yolo_decode.py               detectors only: numpy decode + NMS the agent runs on the raw outputs
     meta.json                    runtime, threads, batch size, tensor names, ids, op libraries
     agent.py                     the device-side agent (stdlib + numpy + runtime)
     ops/                         for a .pte calling edgeopt's custom ops: the kernel source and
@@ -29,6 +31,7 @@ import numpy as np
 from edgeopt.errors import InputError, unknown_name
 
 AGENT_PATH = Path(__file__).with_name("agent.py")
+DECODER_PATH = Path(__file__).resolve().parents[1] / "tasks" / "yolo_decode.py"
 MODEL_SUFFIXES = {"onnxruntime": (".onnx",), "tflite": (".tflite",), "tensorrt": (".engine", ".plan", ".trt", ".onnx"),
                   "executorch": (".pte",)}
 BUNDLE_FORMAT = 1
@@ -167,10 +170,15 @@ def _copy_op_sources(bundle_dir: Path) -> None:
     shutil.copyfile(build_kernels.SOURCE, bundle_dir / "ops" / "csrc" / build_kernels.SOURCE.name)
 
 
-def _eval_arrays(eval_x: np.ndarray, eval_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(eval_x), np.asarray(eval_y)  # torch CPU tensors convert too
+def _eval_arrays(eval_x: np.ndarray, eval_y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    x = np.asarray(eval_x)  # torch CPU tensors convert too
     if x.ndim < 2 or len(x) == 0:
         raise InputError(f"eval_x must be a non-empty batch of inputs (N, ...), got shape {x.shape}")
+    if np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32, copy=False)
+    if eval_y is None:
+        return np.ascontiguousarray(x), None
+    y = np.asarray(eval_y)
     if y.shape != (len(x),):
         raise InputError(f"eval_y must have shape ({len(x)},) to match eval_x, got {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
@@ -184,7 +192,7 @@ def make_bundle(
     model_path: Path,
     runtime: str,
     eval_x: np.ndarray,
-    eval_y: np.ndarray,
+    eval_y: np.ndarray | None,
     out_dir: Path,
     threads: int,
     input_name: str | None = None,
@@ -194,6 +202,8 @@ def make_bundle(
     extra_files: Iterable[Path] = (),
     precision: str | None = None,
     labelled: bool = True,
+    targets: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    postprocess: dict | None = None,
 ) -> Path:
     """Write a bundle for `model_path` to `out_dir` (replacing it) and return `out_dir`.
 
@@ -202,6 +212,8 @@ def make_bundle(
     `precision` is what a tensorrt bundle with an ONNX model builds its engine at
     (default: what the ONNX holds, see `check_tensorrt_onnx`); other bundles ignore it.
     `labelled=False`: `eval_y` is a placeholder (synthetic inputs), so the agent reports no accuracy.
+    A detector passes `postprocess` (decode settings for `yolo_decode`) and `targets` (per image
+    boxes, labels) instead of `eval_y`: the agent returns detections, the host scores them.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     if runtime not in MODEL_SUFFIXES:
@@ -222,8 +234,18 @@ def make_bundle(
     for extra in extras:
         if not extra.is_file():
             raise InputError(f"extra bundle file not found: {extra}")
-    x, y = _eval_arrays(eval_x, eval_y)
+    if (postprocess is None) == (eval_y is None) or (postprocess is not None and targets is None):
+        raise InputError("a bundle needs eval_y (class labels) or postprocess + targets (detections)")
+    x, y = _eval_arrays(eval_x, None if postprocess is not None else eval_y)
     op_libraries = pte_op_libraries(model_path)
+    if postprocess is not None:
+        if len(targets) != len(x):
+            raise InputError(f"{len(targets)} target sets for {len(x)} eval inputs")
+        arrays = {"x": x, "boxes": np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b, _ in targets]),
+                  "labels": np.concatenate([np.asarray(lab, np.int64).reshape(-1) for _, lab in targets]),
+                  "counts": np.asarray([len(lab) for _, lab in targets], dtype=np.int64)}  # fmt: skip
+    else:
+        arrays = {"x": x, "y": y}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -232,10 +254,12 @@ def make_bundle(
         shutil.copyfile(model_path, tmp / model_name)
         for extra in extras:
             shutil.copyfile(extra, tmp / extra.name)
-        np.savez(tmp / "eval.npz", x=x, y=y)
+        np.savez(tmp / "eval.npz", **arrays)
         shutil.copyfile(AGENT_PATH, tmp / "agent.py")
         if op_libraries:
             _copy_op_sources(tmp)
+        if postprocess is not None:
+            shutil.copyfile(DECODER_PATH, tmp / DECODER_PATH.name)
         model_sha, eval_sha = _sha256(tmp / model_name), _sha256(tmp / "eval.npz")
         meta = {
             "format": BUNDLE_FORMAT,
@@ -245,7 +269,7 @@ def make_bundle(
             "source_model": str(model_path),
             "eval": "eval.npz",
             "eval_sha256": eval_sha,
-            "num_eval": len(y),
+            "num_eval": len(x),
             "input_shape": list(x.shape[1:]),
             "input_name": input_name,
             "output_name": output_name,
@@ -259,6 +283,8 @@ def make_bundle(
             meta["precision"] = precision
         if op_libraries:
             meta["op_libraries"] = op_libraries
+        if postprocess is not None:
+            meta["postprocess"] = dict(postprocess)
         key = json.dumps({k: v for k, v in meta.items() if k != "source_model"}, sort_keys=True)
         meta["bundle_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -174,7 +174,9 @@ def _summary(result: dict[str, Any]) -> dict[str, str]:
         "runs": str(result["runs"]),
         "init ms": f"{result['init_ms']:.1f}",
         "peak RSS MB" + emulated: f"{result['peak_rss_mb']:.1f}",
-        "top-1": f"{100 * result['accuracy']['top1']:.2f}%" if result.get("accuracy") else "-",
+        (result["accuracy"] or {}).get("metric", "top-1"):
+            f"{100 * (result['accuracy'] or {}).get('value', (result['accuracy'] or {}).get('top1', 0.0)):.2f}%"
+            if result.get("accuracy") else "-",
         "cpu": f"{facts.get('cpu_model')} x{facts.get('cores')} ({facts.get('arch')})",
     }
 

@@ -160,6 +160,10 @@ def profile_bundle(
     result["emulated"] = bool(result.get("emulated")) or bool(dev and dev.emulated)
     result["target"] = {"runner": name, "device": dev.name if dev else "localhost",
                         "profile": dev.profile if dev else None}
+    if "detections" in result:  # a detector bundle: mAP on the host, from the device's own detections
+        from edgeopt.profiler.detections import score_bundle
+
+        result["accuracy"] = score_bundle(Path(bundle_dir), result.pop("detections"))
     return result
 
 
@@ -181,9 +185,13 @@ def profile_model(
     batch_size: int = 1,
     input_name: str | None = None,
     labelled: bool = True,
+    targets: list | None = None,
+    postprocess: dict | None = None,
     **timing: Any,
 ) -> dict[str, Any]:
-    """make_bundle into `work_dir/bundle`, then profile_bundle; `timing` = runs, min_seconds, ..."""
+    """make_bundle into `work_dir/bundle`, then profile_bundle; `timing` = runs, min_seconds, ...
+    (a detector passes eval_y=None, targets and postprocess: see `make_bundle`)."""
     bundle = make_bundle(model_path, runtime, eval_x, eval_y, Path(work_dir) / "bundle", threads,
-                         input_name=input_name, batch_size=batch_size, labelled=labelled)
+                         input_name=input_name, batch_size=batch_size, labelled=labelled, targets=targets,
+                         postprocess=postprocess)
     return profile_bundle(bundle, runner=runner, device=device, **timing)

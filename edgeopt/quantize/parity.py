@@ -47,10 +47,11 @@ def check(
     output_name: str = "output",
     thresholds: Thresholds | None = None,
     worst_layer: Callable[[], str | None] | None = None,
+    decide: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Parity figures; raises ExportError naming the worst output (and layer) when below `thresholds`."""
     limits = thresholds or THRESHOLDS[precision]
-    figures = parity(reference, candidate)
+    figures = parity(reference, candidate, decide)
     failures = [
         f"cosine {figures['cosine']:.4f} < {limits.min_cosine}" if figures["cosine"] < limits.min_cosine else "",
         f"top-1 agreement {figures['top1_agreement']:.3f} < {limits.min_top1_agreement}"

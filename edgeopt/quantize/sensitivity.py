@@ -70,14 +70,16 @@ def select_float_layers(
     calib_x: np.ndarray,
     calib_reference: np.ndarray,
     eval_x: np.ndarray,
-    eval_y: np.ndarray,
+    eval_y: np.ndarray | Callable[[np.ndarray], float],
     float_accuracy: float,
     max_accuracy_drop: float,
 ) -> MixedPrecision:
-    """Fewest most-sensitive layers in float that bring the top-1 drop on (`eval_x`, `eval_y`) — the
-    calibration split, so the reported eval accuracy stays held out — within `max_accuracy_drop` points."""
+    """Fewest most-sensitive layers in float that bring the accuracy drop on (`eval_x`, `eval_y`) — the
+    calibration split, so the reported eval accuracy stays held out — within `max_accuracy_drop` points.
+    `eval_y` is integer labels (top-1) or the task's scorer of raw outputs (points, 0–100)."""
+    score = eval_y if callable(eval_y) else (lambda outputs: accuracy(outputs, eval_y))
     path = build(None, [])
-    acc = accuracy(run(path, eval_x), eval_y)
+    acc = score(run(path, eval_x))
     trials: list[dict[str, object]] = [{"kept_in_float": [], "accuracy": acc}]
     if float_accuracy - acc <= max_accuracy_drop or not layers:
         return MixedPrecision([], path, acc, float_accuracy, {}, trials)
@@ -86,7 +88,7 @@ def select_float_layers(
     for k in range(1, len(ranked) + 1):
         keep = ranked[:k]
         path = build(None, keep)
-        acc = accuracy(run(path, eval_x), eval_y)
+        acc = score(run(path, eval_x))
         trials.append({"kept_in_float": list(keep), "accuracy": acc})
         if float_accuracy - acc <= max_accuracy_drop or k == len(ranked):
             return MixedPrecision(list(keep), path, acc, float_accuracy, sensitivity, trials)

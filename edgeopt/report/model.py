@@ -143,7 +143,7 @@ class DeviceResult(_Model):
             return cls(name=name, error=str(result["error"]))
         return cls(name=name, runtime=result.get("runtime"), runtime_version=result.get("runtime_version"),
                    latency_ms=Latency.from_profile(result["latency_ms"]),
-                   accuracy=(result.get("accuracy") or {}).get("top1"), peak_rss_mb=result.get("peak_rss_mb"),
+                   accuracy=_primary_metric(result), peak_rss_mb=result.get("peak_rss_mb"),
                    arch=(result.get("device") or {}).get("arch"))
 
 
@@ -289,3 +289,9 @@ def load_devices(run_dir: Path) -> list[DeviceResult]:
         if not (failed_since and found.get(path.stem) and found[path.stem].error):
             found[path.stem] = DeviceResult.from_result(path.stem, read_json(path))
     return list(found.values())
+
+
+def _primary_metric(result: dict[str, Any]) -> float | None:
+    """A device result's primary metric (top-1, or a detector's mAP50) in [0, 1]."""
+    accuracy = result.get("accuracy") or {}
+    return accuracy.get("value", accuracy.get("top1"))
