@@ -36,7 +36,7 @@ def test_qemu_user_is_detected_from_the_kernel_arch(monkeypatch):
     assert found["emulator"] == "qemu-user (/usr/libexec/qemu-binfmt/aarch64-binfmt-P)"
     facts = agent.device_facts()
     assert facts["emulated"] == found
-    assert facts["cpu_model"] == "Xeon [aarch64 emulated on a x86_64 host]"  # not passed off as the board's
+    assert facts["cpu_model"] == "Xeon (aarch64 emulated on a x86_64 host)"  # not passed off as the board's
 
 
 def test_older_kernels_fall_back_to_the_cpuinfo_isa(monkeypatch):

@@ -111,6 +111,7 @@ def emulation() -> dict | None:
     interpreter = next((line.split()[1] for line in binfmt.splitlines() if line.startswith("interpreter ")), None)
     return {
         "emulator": f"qemu-user ({interpreter})" if interpreter else "a binfmt_misc emulator",
+        "cpu": os.environ.get("QEMU_CPU") or "the emulator's default",  # which core qemu emulates
         "guest_arch": machine,
         "host_arch": kernel,
         "host_facts": "cpu_model, cores, cpu_max_mhz, governor, temperature_c and memory are the host's",
@@ -163,7 +164,7 @@ def device_facts() -> dict:
     emulated = emulation()
     cpu_model = _cpu_model()
     if emulated:  # never pass the host's CPU (or a stand-in /proc/cpuinfo) off as the board's
-        cpu_model = f"{cpu_model} [{emulated['guest_arch']} emulated on a {emulated['host_arch']} host]"
+        cpu_model = f"{cpu_model} ({emulated['guest_arch']} emulated on a {emulated['host_arch']} host)"
     return {
         "hostname": platform.node(),
         "arch": platform.machine(),

@@ -118,7 +118,8 @@ def check(ctx: click.Context, name: str) -> None:
     temps = facts.get("temperature_c") or {}
     emulated = facts.get("emulated")
     if emulated:
-        arch = f"{facts.get('arch')} (emulated: {emulated['emulator']} on {emulated['host_arch']})"
+        arch = (f"{facts.get('arch')} (emulated: {emulated['emulator']}, cpu {emulated.get('cpu')}, "
+                f"on {emulated['host_arch']})")
     else:
         arch = f"{facts.get('arch')}{' (emulated: inventory)' if device.emulated else ''}"
     rows = {
