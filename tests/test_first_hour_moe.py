@@ -99,7 +99,7 @@ def test_hf_store_takes_a_text_prompt(cli_runner, tmp_path):
     ids = [int(t) for t in by_ids.output.splitlines()[0].split()]
     assert [WORDS[i] for i in ids] == words  # the same greedy continuation
     _one_line_error(cli_runner.invoke(cli, ["moe", "run", str(tmp_path / "store"), "--prompt-ids", "2 99"]),
-                    "token id 99 is outside the model's vocabulary (size 10)")
+                    "token id 99 is outside the model's vocabulary (0..9)")
     (tmp_path / "hf" / "tokenizer.json").unlink()
     _one_line_error(cli_runner.invoke(cli, ["moe", "run", str(tmp_path / "store"), "--prompt", "the cat"]),
                     "no tokenizer.json")

@@ -118,9 +118,6 @@ def run_cmd(store, prompt, prompt_ids, tokenizer_path, new_tokens, policy, budge
             ids = _token_ids(prompt_ids) if tokenizer is None else tokenizer.encode(prompt).ids
             if not ids:
                 raise InputError("the prompt encodes to no tokens")
-            vocab = lm.store.manifest["model"]["config"].get("vocab_size")
-            if vocab is not None and max(ids) >= vocab:
-                raise InputError(f"token id {max(ids)} is outside the model's vocabulary (size {vocab})")
             ids = torch.tensor([ids])
         else:
             if prompt_ids is not None:
