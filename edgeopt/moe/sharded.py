@@ -38,26 +38,31 @@ class Entry:
     nbytes: int
 
 
-def _read_header(path: Path) -> dict[str, Entry]:
+def read_safetensors_header(path: Path, kind: str) -> tuple[dict, int, int]:
+    """A safetensors file's header (without `__metadata__`), the offset its data starts at and the
+    file size; `kind` names the file in the one-line errors ("checkpoint shard", "expert store")."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise InputError(f"truncated safetensors file {path} ({size} bytes)")
+                raise InputError(f"truncated {kind} {path} ({size} bytes)")
             (length,) = struct.unpack("<Q", raw)
             if length > min(size - 8, 100 << 20):
-                raise InputError(f"corrupted safetensors header in {path}")
+                raise InputError(f"corrupted {kind} header in {path}")
             header = json.loads(f.read(length))
     except OSError as exc:
-        raise InputError(f"cannot read checkpoint shard {path}: {exc}") from exc
+        raise InputError(f"cannot read {kind} {path}: {exc}") from exc
     except ValueError as exc:
-        raise InputError(f"corrupted safetensors header in {path}: {exc}") from exc
-    base = 8 + length
+        raise InputError(f"corrupted {kind} header in {path}: {exc}") from exc
+    header.pop("__metadata__", None)
+    return header, 8 + length, size
+
+
+def _read_header(path: Path) -> dict[str, Entry]:
+    header, base, size = read_safetensors_header(path, "checkpoint shard")
     out = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         start, stop = info["data_offsets"]
         if base + stop > size:
             raise InputError(f"truncated checkpoint shard {path}: tensor {name} ends past the file")

@@ -290,26 +290,12 @@ class ExpertStore:
 
     def _read_header(self) -> dict[str, tuple[int, int]]:
         """Absolute (offset, length) per record from the safetensors header; checks the file is whole."""
-        try:
-            size = self.data_path.stat().st_size
-            with open(self.data_path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) < 8:
-                    raise InputError(f"truncated expert store {self.data_path} ({size} bytes)")
-                (header_len,) = struct.unpack("<Q", raw)
-                if header_len > min(size - 8, 100 << 20):
-                    raise InputError(f"corrupted expert store header in {self.data_path}")
-                header = json.loads(f.read(header_len))
-        except OSError as exc:
-            raise InputError(f"cannot read expert store {self.data_path}: {exc}") from exc
-        except ValueError as exc:
-            raise InputError(f"corrupted expert store header in {self.data_path}: {exc}") from exc
-        base = 8 + header_len
+        from edgeopt.moe.sharded import read_safetensors_header
+
+        header, base, size = read_safetensors_header(self.data_path, "expert store")
         offsets = {}
         end = base
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             start, stop = info["data_offsets"]
             offsets[name] = (base + start, stop - start)
             end = max(end, base + stop)
