@@ -2,7 +2,8 @@
 
 For every ratio the recipe's `lowrank` step runs with that ratio (its other options kept), then its
 `distill` step; accuracy is measured with and without distillation on the eval split, and every
-model is exported to ONNX and timed side by side in one ONNX Runtime session set (see
+model is exported for the profile's runtime (what `format: auto` picks: LiteRT for rpi5, ONNX
+Runtime for x86-cpu and the Jetsons) and timed side by side in one process (see
 `edgeopt.lowrank.measure`). Prints the table, writes `sweep.json` and an accuracy-vs-latency
 Pareto plot (`pareto.png`) into the output directory. `sweep.json` is rewritten after every ratio,
 so an interrupted sweep keeps its finished rows, and a rerun with the same settings resumes: it
@@ -24,9 +25,18 @@ from edgeopt.data import load_dataset
 from edgeopt.errors import InputError
 from edgeopt.evaluate import torch_outputs
 from edgeopt.fileio import exclusive, write_json, write_with
-from edgeopt.lowrank.measure import export_for_timing, macs, ort_latency_ms, params, scan_flops, ss2d_params
+from edgeopt.lowrank.measure import (
+    TIMING_SUFFIX,
+    export_for_timing,
+    latency_ms,
+    macs,
+    params,
+    scan_flops,
+    ss2d_params,
+)
 from edgeopt.models import build_model, check_input_shape
 from edgeopt.passes import PassContext, make_pass
+from edgeopt.passes.export import host_format
 from edgeopt.profiles import load_profile
 from edgeopt.progress import step_label
 from edgeopt.recipes import Recipe, load_recipe
@@ -86,8 +96,10 @@ def run_sweep(
     finished = _finished_rows(out_dir / SWEEP_JSON, key)
     rows = [Row("teacher", None, params(teacher_module), ss2d_params(teacher_module), macs(teacher_module, example),
                 None, accuracy(teacher_module), scan_flops(teacher_module, example))]  # fmt: skip
-    onnx = {"teacher": export_for_timing(teacher_module, example, out_dir / "teacher.onnx")}
-    _write_rows(out_dir, recipe.name, key, rows, task.metric)
+    fmt = host_format(profile)
+    suffix, runtime = TIMING_SUFFIX[fmt], RUNTIME_NAME[fmt]
+    exported = {"teacher": export_for_timing(teacher_module, example, out_dir / f"teacher{suffix}")}
+    _write_rows(out_dir, recipe.name, key, rows, task.metric, runtime)
     for ratio in ratios:
         name = f"ratio {ratio:.2f}"
         step = out_dir / f"ratio-{ratio:.2f}"
@@ -112,18 +124,19 @@ def run_sweep(
                       artifact=result.to_json())  # fmt: skip
             log(f"{name}: distilled, eval {task.metric} {100 * row.accuracy:.2f} ({row.distill['steps']} steps)")
         rows.append(row)
-        onnx[name] = export_for_timing(distilled, example, step / "student.onnx")
-        _write_rows(out_dir, recipe.name, key, rows, task.metric)  # a later failure or timeout keeps this row
-    log(f"timing {len(onnx)} ONNX models side by side ({threads} thread{'s' * (threads > 1)})")
-    latency = ort_latency_ms(onnx, example.numpy(), threads=threads)
+        exported[name] = export_for_timing(distilled, example, step / f"student{suffix}")
+        _write_rows(out_dir, recipe.name, key, rows, task.metric, runtime)  # a later failure or timeout keeps this row
+    log(f"timing {len(exported)} {runtime} models side by side ({threads} thread{'s' * (threads > 1)})")
+    latency = latency_ms(exported, example.numpy(), threads=threads)
     for row in rows:
         row.latency_ms = latency[row.name]
-    _write_rows(out_dir, recipe.name, key, rows, task.metric)
-    pareto_plot(rows, out_dir / "pareto.png", recipe.name, task.metric)
+    _write_rows(out_dir, recipe.name, key, rows, task.metric, runtime)
+    pareto_plot(rows, out_dir / "pareto.png", recipe.name, task.metric, runtime)
     return rows
 
 
 SWEEP_JSON = "sweep.json"
+RUNTIME_NAME = {"onnx": "ONNX Runtime", "tflite": "LiteRT"}
 
 
 def _sweep_key(recipe: Recipe, lowrank_cfg: dict[str, Any], distill_cfg: dict[str, Any], profile_name: str) -> str:
@@ -139,14 +152,14 @@ def _sweep_key(recipe: Recipe, lowrank_cfg: dict[str, Any], distill_cfg: dict[st
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_rows(out_dir: Path, recipe_name: str, key: str, rows: list[Row], metric: str) -> None:
+def _write_rows(out_dir: Path, recipe_name: str, key: str, rows: list[Row], metric: str, runtime: str) -> None:
     def plain(row: Row) -> dict[str, Any]:
         data = asdict(row)
         data["latency_ms"] = None if math.isnan(row.latency_ms) else row.latency_ms  # not yet timed
         return data
 
-    write_json(out_dir / SWEEP_JSON, {"recipe": recipe_name, "metric": metric, "key": key,
-                                      "rows": [plain(r) for r in rows]})
+    write_json(out_dir / SWEEP_JSON, {"recipe": recipe_name, "metric": metric, "runtime": runtime, "key": key,
+                                      "rows": [plain(r) for r in rows]})  # fmt: skip
 
 
 def _finished_rows(path: Path, key: str) -> dict[float, Row]:
@@ -167,14 +180,14 @@ def _step_config(recipe: Recipe, name: str) -> dict[str, Any]:
     return next((dict(s.config) for s in recipe.passes if s.name == name), {})
 
 
-def table(rows: list[Row], metric: str = "top-1"):  # noqa: ANN201
+def table(rows: list[Row], metric: str = "top-1", runtime: str = "ONNX Runtime"):  # noqa: ANN201
     """DLRMamba's Table VI layout: ratio, params, MMACs (+ scan work), metric without / with
     distillation, latency and FPS; for a detector also the paper's mAP50 / Pi 5 FPS per ratio."""
     from rich.table import Table
 
     teacher = rows[0]
     paper = metric == "mAP50"
-    out = Table(title=f"rank-ratio sweep ({metric} on the eval split; latency: ONNX Runtime, batch 1)")
+    out = Table(title=f"rank-ratio sweep ({metric} on the eval split; latency: {runtime}, batch 1)")
     columns = ["model", "params", "SS2D params", "MMACs", "scan MFLOPs", f"{metric} no distill",
                f"{metric} distilled", "latency ms", "FPS", "speedup"]  # fmt: skip
     if paper:
@@ -197,7 +210,7 @@ def table(rows: list[Row], metric: str = "top-1"):  # noqa: ANN201
     return out
 
 
-def pareto_plot(rows: list[Row], path: Path, title: str, metric: str = "top-1") -> Path:
+def pareto_plot(rows: list[Row], path: Path, title: str, metric: str = "top-1", runtime: str = "ONNX Runtime") -> Path:
     """Accuracy vs latency: teacher, students with and without distillation, and the Pareto front."""
     import matplotlib
 
@@ -220,7 +233,7 @@ def pareto_plot(rows: list[Row], path: Path, title: str, metric: str = "top-1") 
     front = pareto_front([(x, y) for x, y, _ in points])
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:red", label="Pareto front")
     ax.set(
-        xlabel="ONNX Runtime latency (ms, batch 1)",
+        xlabel=f"{runtime} latency (ms, batch 1)",
         ylabel=f"eval {metric} (points)",
         title=f"{title}: accuracy vs latency",
     )
@@ -257,13 +270,13 @@ def parse_ratios(text: str) -> list[float]:
     "--rank-ratios", default="0.65,0.6,0.55,0.5", show_default=True, help="Comma-separated rank ratios."
 )
 @click.option(
-    "--profile", "profile_name", default="x86-cpu", show_default=True, help="Hardware profile for the passes."
+    "--profile", "profile_name", default="x86-cpu", show_default=True, help="Hardware profile: its passes' settings and the runtime that times the models."
 )
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Output directory [default: runs/<recipe>-sweep]."
 )
 @click.option("--steps", type=int, help="Override the recipe's distillation steps.")
-@click.option("--threads", default=1, show_default=True, help="ONNX Runtime threads for timing.")
+@click.option("--threads", default=1, show_default=True, help="Runtime threads for timing.")
 def sweep(
     recipe: Path, rank_ratios: str, profile_name: str, out: Path | None, steps: int | None, threads: int
 ) -> None:
@@ -281,5 +294,6 @@ def sweep(
     with exclusive(out_dir):  # writable, and no second sweep writing the same rows
         rows = run_sweep(loaded, ratios, out_dir, profile_name, {"steps": steps} if steps else None, threads,
                          log=console.log)  # fmt: skip
-    console.print(table(rows, json.loads((out_dir / SWEEP_JSON).read_text())["metric"]))
+    written = json.loads((out_dir / SWEEP_JSON).read_text())
+    console.print(table(rows, written["metric"], written["runtime"]))
     console.print(f"wrote {out_dir / 'sweep.json'} and {out_dir / 'pareto.png'}")

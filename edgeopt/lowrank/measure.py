@@ -1,4 +1,4 @@
-"""What a factorization buys: parameters (all / inside SS2D), MACs, and ONNX Runtime latency.
+"""What a factorization buys: parameters (all / inside SS2D), MACs, and latency in a deployed runtime.
 
 Latency of several models is measured side by side in one process: rounds alternate between the
 models (order reversed every round), so load on a shared machine hits all of them alike and the
@@ -8,6 +8,7 @@ ratios between them stay meaningful.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,21 +63,55 @@ def scan_flops(model: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
+TIMING_SUFFIX = {"onnx": ".onnx", "tflite": ".tflite"}
+
+
 def export_for_timing(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """ONNX with the example's static shape: latency is measured at one batch size, so the graph
-    need not carry a dynamic batch dimension (nor the shape guards that come with one)."""
+    """The model in the runtime its suffix names (.onnx: ONNX Runtime, .tflite: LiteRT), with the
+    example's static shape: latency is measured at one batch size, so the graph need not carry a
+    dynamic batch dimension (nor the shape guards that come with one)."""
+    from edgeopt.exporters import export
     from edgeopt.exporters.onnx import OPSET, quiet
     from edgeopt.fileio import write_with
+
+    path = Path(path)
+    if path.suffix == ".tflite":
+        return export("tflite", model.eval(), example, path)
 
     def write(tmp: Path) -> None:
         with quiet():
             torch.onnx.export(model.eval(), (example,), input_names=["input"], output_names=["output"],
                               opset_version=OPSET, dynamo=True, external_data=False).save(str(tmp))  # fmt: skip
 
-    return write_with(Path(path), write)
+    return write_with(path, write)
 
 
-def ort_latency_ms(
+def _runner(path: Path, x: np.ndarray, threads: int) -> Callable[[], object]:
+    """One inference of the exported model at `path` on `x`, in the runtime its suffix names."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if path.suffix == ".tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
+        index = interpreter.get_input_details()[0]["index"]
+
+        def invoke() -> None:
+            interpreter.set_tensor(index, x)
+            interpreter.invoke()
+
+        return invoke
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    return lambda: session.run(None, feed)
+
+
+def latency_ms(
     models: dict[str, Path],
     x: np.ndarray,
     threads: int = 1,
@@ -84,27 +119,18 @@ def ort_latency_ms(
     runs_per_round: int = 10,
     warmup: int = 5,
 ) -> dict[str, float]:
-    """Median per-inference latency (ms) of each ONNX model on input `x`, interleaved."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                for name, path in models.items()}  # fmt: skip
-    feeds = {
-        name: {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
-        for name, s in sessions.items()
-    }
-    for name, session in sessions.items():
+    """Median per-inference latency (ms) of each exported model (ONNX Runtime for .onnx, LiteRT for
+    .tflite) on input `x`, interleaved round by round so load changes hit every model alike."""
+    runners = {name: _runner(Path(path), x, threads) for name, path in models.items()}
+    for run in runners.values():
         for _ in range(warmup):
-            session.run(None, feeds[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    names = list(sessions)
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             for _ in range(runs_per_round):
-                sessions[name].run(None, feeds[name])
+                runners[name]()
             times[name].append((time.perf_counter() - start) / runs_per_round * 1e3)
     return {name: float(np.median(t)) for name, t in times.items()}
