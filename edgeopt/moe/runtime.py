@@ -76,7 +76,9 @@ class Engine:
             if precision not in store.precisions:
                 raise ValueError(f"store has no {precision} records (has {store.precisions})")
         if policy.resident or budget_bytes is None:
-            budget_bytes = store.total_bytes(self.high)
+            # Fully resident experts are held as fp32 (`LoadedExpert.upcast`): memory is there by
+            # assumption, and converting on every use was the largest cost of a resident step.
+            budget_bytes = store.total_bytes(self.high) * (2 if self.high == "fp16" and policy.resident else 1)
         self.budget = int(budget_bytes)
         high_bytes = int(self.budget * policy.high_fraction)
         self.records = Records(self.n_layers)
@@ -112,6 +114,8 @@ class Engine:
         """Fill the high pool before decoding starts (resident / static placement); not timed."""
         for key in keys:
             entry = self.store.read(key[0], key[1], self.high)
+            if self.policy.resident:
+                entry = entry.upcast()
             if not self.cache.put(key, entry):
                 break
             if pin:
