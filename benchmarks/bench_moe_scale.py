@@ -171,7 +171,8 @@ def tuned_overrides(trace: list, store: Path, fraction: float, policies: list[st
 
     st = ExpertStore(store)
     budget = int(fraction * st.total_bytes("fp16"))
-    out = tune_hobbit(trace, st, budget, [n for n in policies if POLICIES[n].replacement == "hobbit"])
+    # A coarse grid (0 or 1 per weight): the replay of a 64-expert trace costs ~1 s per candidate here.
+    out = tune_hobbit(trace, st, budget, [n for n in policies if POLICIES[n].replacement == "hobbit"], grid=(0.0, 1.0))
     st.close()
     return out
 

@@ -119,7 +119,7 @@ def encode_expert(gate_up: torch.Tensor, down: torch.Tensor, precision: str, lay
 
 
 def decode_expert(
-    blob: bytes | bytearray, precision: str, shapes: dict[str, list[int]], layout: str = PORTABLE_LAYOUT
+    blob: bytes | bytearray | np.ndarray, precision: str, shapes: dict[str, list[int]], layout: str = PORTABLE_LAYOUT
 ) -> LoadedExpert:
     """Record bytes → in-memory expert, as views on the read buffer (no copy, no conversion)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -327,13 +327,15 @@ class ExpertStore:
         """Evict the store file from the OS page cache so the next reads come from the device."""
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def read_raw(self, layer: int, expert: int, precision: str) -> bytearray:
+    def read_raw(self, layer: int, expert: int, precision: str) -> np.ndarray:
         name = record_name(layer, expert, precision)
         if name not in self.offsets:
             raise InputError(f"expert store has no record {name} (precisions: {', '.join(self.precisions)})")
         offset, length = self.offsets[name]
         t0 = time.perf_counter()
-        blob = bytearray(length)  # writable, so tensors can view it without a copy
+        # Writable, so tensors can view it without a copy; not zero-filled (a bytearray's memset of a
+        # 5 MB record ran on the loader thread holding the GIL, stalling the compute thread).
+        blob = np.empty(length, dtype=np.uint8)
         got = os.preadv(self._fd, [blob], offset)
         if self.drop_after_read:
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
