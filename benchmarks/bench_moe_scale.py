@@ -260,6 +260,10 @@ def main() -> None:
             print(f"hobbit: {h['tok_s'] / lru['tok_s']:.2f}x lru-fp16 (goal >= 3x at 25%), {h['tok_s'] / bound:.0%} of its "
                   f"bandwidth bound (goal >= 70%), peak RSS {h['peak_rss'] / (h['budget'] + h['resident'] + base_rss):.2f}x "
                   f"budget + resident + idle interpreter (goal <= 1.10)")
+            # DESIGN's limit model: time/token >= bytes read / bandwidth + compute (the resident run's time/token).
+            limit = 1 / (h["bytes_per_token"] / (bandwidth * 1e6) + 1 / resident["tok_s"])
+            print(f"hobbit vs the limit model (reads at the cold bandwidth + the resident run's compute, "
+                  f"{limit:.2f} tok/s): {h['tok_s'] / limit:.0%}")
     if args.llama_python:
         llama_side_by_side(args, store, resident, hobbit25)
 
