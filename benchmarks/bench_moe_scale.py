@@ -10,7 +10,8 @@
    printing the packer's peak RSS against the checkpoint's size (goal ≤ 25%).
 3. Measures the cold read bandwidth of the store (page cache dropped, fp16 records read in a
    random order, as misses are).
-4. Per budget and policy, in a fresh child process with the page cache dropped first: time to
+4. Per budget and policy, in a fresh child process with the page cache dropped first, and every
+   record dropped from it again right after it is read (each miss is a device read): time to
    first token (prefill of an 8-token prompt), decode tokens/s (greedy), bytes read per token,
    the bandwidth-bound tokens/s they imply (bandwidth / bytes per token) and the share reached,
    the high/low/skip split of expert uses, and peak RSS against budget + resident weights.
@@ -114,6 +115,9 @@ prompt_len, ids = text["prompt_len"], torch.tensor([text["ids"]])
 decode = ids.shape[1] - prompt_len
 torch.set_num_threads(1)
 lm = OffloadedLM(store, policy, budget_fraction=fraction, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+# Every record read is dropped from the page cache right after: the experts do not fit in memory, so
+# neither do they fit in the page cache (this host's RAM would otherwise serve every re-read).
+lm.store.drop_after_read = True
 resident = sum(t.numel() * t.element_size() for t in list(lm.model.parameters()) + list(lm.model.buffers()))
 preload_read = lm.store.bytes_read
 route = {}
