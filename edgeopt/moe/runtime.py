@@ -32,6 +32,8 @@ from edgeopt.moe.loader import DEMAND, PREFETCH, Loader
 from edgeopt.moe.policy import HIGH, LOW, SKIP, PolicyConfig, Records, Replacement
 from edgeopt.moe.store import ExpertStore, LoadedExpert
 
+READ_WINDOW = 4  # demand reads in flight per layer (the loader has 2 workers)
+
 
 @dataclass
 class Stats:
@@ -264,7 +266,8 @@ class Engine:
         self._score_prediction(layer, need)
 
         ready: dict[int, LoadedExpert] = {}
-        waiting: dict[int, Future] = {}
+        waiting: dict[int, Future | None] = {}  # None: a demand read not submitted yet (see `_demand`)
+        unsent: dict[int, str] = {}
         for e, n in need.items():
             entry = self.cache.get((layer, e), allow_low=self.policy.serves(n))
             if entry is not None:
@@ -276,7 +279,11 @@ class Engine:
                 self.stats.skipped += 1
                 continue
             self.stats.misses += 1
-            waiting[e] = fut or self._submit(layer, e, self.high if n == HIGH else self.low, prefetch=False)
+            waiting[e] = fut
+            if fut is None:
+                unsent[e] = self.high if n == HIGH else self.low
+        order = list(waiting)
+        self._demand(layer, waiting, unsent, order, 0)
         self._cancel_stale(layer, set(waiting))
         if x.shape[0] == 1:
             self._prefetch(layer, x)
@@ -284,7 +291,9 @@ class Engine:
         out = None
         for e, entry in ready.items():
             out = self._apply(layer, e, entry, x, users[e], out)
-        for e, fut in waiting.items():
+        for i, e in enumerate(order):
+            self._demand(layer, waiting, unsent, order, i)
+            fut = waiting[e]
             t0 = time.perf_counter()
             entry = fut.result()
             self.stats.stall_s += time.perf_counter() - t0
@@ -296,6 +305,15 @@ class Engine:
             self.cache.put((layer, e), entry)
         self._unpin(layer)
         return torch.zeros_like(x) if out is None else out
+
+    def _demand(self, layer: int, waiting: dict, unsent: dict, order: list[int], i: int) -> None:
+        """Submit the demand reads of experts order[i : i + READ_WINDOW] not yet sent. A window rather than
+        all at once: a prefill can miss every expert of a layer, and each read's buffer lives outside the
+        cache budget until its expert has run (64 fp16 records = 300 MB on the scale model); a window of
+        twice the loader's workers keeps the device busy while the compute thread catches up."""
+        for e in order[i : i + READ_WINDOW]:
+            if waiting[e] is None:
+                waiting[e] = self._submit(layer, e, unsent.pop(e), prefetch=False)
 
     def _unpin(self, layer: int) -> None:
         for e in self.predictions.pop(layer, ()):
