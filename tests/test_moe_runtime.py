@@ -205,3 +205,14 @@ def test_demand_reads_are_windowed(model_and_store, monkeypatch):
     lm.close()
     assert peak and max(peak) == 1 and engine.stats.misses > 4
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_resident_holds_fp32_copies(model_and_store):
+    """The fully resident policy converts each expert once at load (no per-token upcast) and counts it."""
+    _, store = model_and_store
+    lm = OffloadedLM(store, "resident")
+    entries = list(lm.engine.cache.high.entries.values())
+    assert len(entries) == lm.store.n_layers * lm.store.n_experts
+    assert all(e.gate_up.dtype == torch.float32 and e.down.dtype == torch.float32 for e in entries)
+    assert lm.engine.cache.used == 2 * lm.store.total_bytes("fp16") == lm.engine.budget
+    lm.close()
