@@ -179,3 +179,40 @@ def test_low_copy_serves_a_top_ranked_expert_only_under_the_old_rule(model_and_s
     lm.close()
     assert engine.stats.misses - misses == (1 if expected_precision == "fp16" else 0)
     assert engine.cache.get((0, 1), allow_low=True).precision == expected_precision
+
+
+def test_demand_reads_are_windowed(model_and_store, monkeypatch):
+    """A prefill that misses every expert keeps at most READ_WINDOW demand reads (buffers outside the
+    budget) in flight, and still computes exactly."""
+    from edgeopt.moe import runtime
+
+    monkeypatch.setattr(runtime, "READ_WINDOW", 1)
+    model, store = model_and_store
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, _ = model(ids)
+    lm = OffloadedLM(store, "lru-fp16", budget_fraction=0.25)
+    engine, peak = lm.engine, []
+    submit = engine._submit
+
+    def counting(layer, expert, precision, prefetch):
+        fut = submit(layer, expert, precision, prefetch)
+        peak.append(sum(1 for k, f in engine.inflight.items() if k not in engine.prefetched and not f.done()))
+        return fut
+
+    engine._submit = counting
+    got = decode_logits(lm, ids, prefill=8)
+    lm.close()
+    assert peak and max(peak) == 1 and engine.stats.misses > 4
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_resident_holds_fp32_copies(model_and_store):
+    """The fully resident policy converts each expert once at load (no per-token upcast) and counts it."""
+    _, store = model_and_store
+    lm = OffloadedLM(store, "resident")
+    entries = list(lm.engine.cache.high.entries.values())
+    assert len(entries) == lm.store.n_layers * lm.store.n_experts
+    assert all(e.gate_up.dtype == torch.float32 and e.down.dtype == torch.float32 for e in entries)
+    assert lm.engine.cache.used == 2 * lm.store.total_bytes("fp16") == lm.engine.budget
+    lm.close()

@@ -17,7 +17,43 @@ from torch import nn
 
 from edgeopt.models import register_model
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+class KVBuffer:
+    """One layer's keys and values in preallocated buffers (B, heads, capacity, head_dim).
+
+    Appending writes into the buffer (capacity doubles when full, so a sequence costs O(log n)
+    reallocations) instead of `torch.cat`-ing the whole cache every decoded token, which copies
+    the cache and allocates fresh memory each step. The state is updated in place: decode a
+    sequence linearly (a second branch from the same state needs its own `clone`).
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, capacity: int = 64) -> None:
+        capacity = max(capacity, k.shape[2])
+        b, h, _, d = k.shape
+        self.k = k.new_empty(b, h, capacity, d)
+        self.v = v.new_empty(b, h, capacity, v.shape[-1])
+        self.length = 0
+        self.append(k, v)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add `t` new positions; the keys and values of every position so far (views)."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            grow = max(end, 2 * self.k.shape[2])
+            self.k = torch.cat([self.k[:, :, : self.length], self.k.new_empty(*self.k.shape[:2], grow - self.length, self.k.shape[3])], 2)
+            self.v = torch.cat([self.v[:, :, : self.length], self.v.new_empty(*self.v.shape[:2], grow - self.length, self.v.shape[3])], 2)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def clone(self) -> KVBuffer:
+        other = KVBuffer.__new__(KVBuffer)
+        other.k, other.v, other.length = self.k.clone(), self.v.clone(), self.length
+        return other
+
+
+KVCache = list[KVBuffer]
 
 
 @dataclass(frozen=True)
@@ -105,21 +141,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, start: int, cache: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, start: int, cache: KVBuffer | None) -> tuple[torch.Tensor, KVBuffer]:
         b, t, d = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = _rope(qkv[:2], start, self.theta)  # q and k rotated in one pass
         v = qkv[2]
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        if cache is None:
+            cache = KVBuffer(k, v)
+        else:
+            k, v = cache.append(k, v)
         # Causal within the new chunk; every cached position is visible.
         mask = None
         if t > 1:
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(b, t, d)), (k, v)
+        return self.out(y.transpose(1, 2).reshape(b, t, d)), cache
 
 
 class DecoderLayer(nn.Module):
@@ -152,7 +188,7 @@ class MoELM(nn.Module):
         return [layer.moe for layer in self.layers]
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        start = 0 if not cache else cache[0][0].shape[2]
+        start = 0 if not cache else cache[0].length
         x = self.embed(ids)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):

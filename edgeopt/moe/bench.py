@@ -87,9 +87,10 @@ def hot_counts(trace: Trace) -> Counter:
     return counts
 
 
-def tune_hobbit(trace: Trace, store: ExpertStore, budget: int, names: list[str]) -> dict[str, dict]:
-    """Per HOBBIT-style policy: the replacement weights and pool split with the least replayed miss
-    penalty on the calibration traces, among the splits its `min_high_experts` allows."""
+def tune_hobbit(trace: Trace, store: ExpertStore, budget: int, names: list[str],
+                grid: tuple[float, ...] = (0.0, 0.5, 1.0)) -> dict[str, dict]:
+    """Per HOBBIT-style policy: the replacement weights (each from `grid`) and pool split with the least
+    replayed miss penalty on the calibration traces, among the splits its `min_high_experts` allows."""
     if not names:
         return {}
     hobbit = get_policy("hobbit")
@@ -100,7 +101,7 @@ def tune_hobbit(trace: Trace, store: ExpertStore, budget: int, names: list[str])
         rule = POLICIES[name].low_serves_high
         if rule not in per_rule:
             base = replace(hobbit, low_serves_high=rule)
-            per_rule[rule] = {f: tune_weights(base, trace, high_bytes, low_bytes, budget, high_fractions=(f,))
+            per_rule[rule] = {f: tune_weights(base, trace, high_bytes, low_bytes, budget, grid=grid, high_fractions=(f,))
                               for f in HIGH_FRACTIONS}
         need = POLICIES[name].min_high_experts * high_bytes
         allowed = [f for f in HIGH_FRACTIONS if int(budget * f) >= need] or [max(HIGH_FRACTIONS)]

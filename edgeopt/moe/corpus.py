@@ -52,3 +52,19 @@ def prompts(n: int, length: int, seed: int = 0) -> list[torch.Tensor]:
             i += int(nl[0]) + 1
         out.append(data[i : i + length].long())
     return out
+
+
+@lru_cache(maxsize=4)
+def word_ids(split: str, vocab_size: int) -> torch.Tensor:
+    """The split as word-level token ids for a model with `vocab_size` tokens: words and punctuation
+    ranked by frequency in the training split (the most frequent gets id 0), the rarer half of the
+    id range shared by hashing. A real token stream (Zipf-distributed, with real repetition) for
+    random-weight models, whose routing then depends on real text the way a trained model's does."""
+    import re
+    from collections import Counter
+
+    pattern = re.compile(rb"\w+|[^\w\s]")
+    ranks = {w: i for i, (w, _) in enumerate(Counter(pattern.findall(bytes(load_corpus("train").numpy()))).most_common(vocab_size // 2))}
+    head = vocab_size // 2
+    ids = [ranks.get(w, head + zlib.crc32(w) % (vocab_size - head)) for w in pattern.findall(bytes(load_corpus(split).numpy()))]
+    return torch.tensor(ids, dtype=torch.long)

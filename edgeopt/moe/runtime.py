@@ -32,6 +32,8 @@ from edgeopt.moe.loader import DEMAND, PREFETCH, Loader
 from edgeopt.moe.policy import HIGH, LOW, SKIP, PolicyConfig, Records, Replacement
 from edgeopt.moe.store import ExpertStore, LoadedExpert
 
+READ_WINDOW = 4  # demand reads in flight per layer (the loader has 2 workers)
+
 
 @dataclass
 class Stats:
@@ -76,7 +78,9 @@ class Engine:
             if precision not in store.precisions:
                 raise ValueError(f"store has no {precision} records (has {store.precisions})")
         if policy.resident or budget_bytes is None:
-            budget_bytes = store.total_bytes(self.high)
+            # Fully resident experts are held as fp32 (`LoadedExpert.upcast`): memory is there by
+            # assumption, and converting on every use was the largest cost of a resident step.
+            budget_bytes = store.total_bytes(self.high) * (2 if self.high == "fp16" and policy.resident else 1)
         self.budget = int(budget_bytes)
         high_bytes = int(self.budget * policy.high_fraction)
         self.records = Records(self.n_layers)
@@ -112,6 +116,8 @@ class Engine:
         """Fill the high pool before decoding starts (resident / static placement); not timed."""
         for key in keys:
             entry = self.store.read(key[0], key[1], self.high)
+            if self.policy.resident:
+                entry = entry.upcast()
             if not self.cache.put(key, entry):
                 break
             if pin:
@@ -260,7 +266,8 @@ class Engine:
         self._score_prediction(layer, need)
 
         ready: dict[int, LoadedExpert] = {}
-        waiting: dict[int, Future] = {}
+        waiting: dict[int, Future | None] = {}  # None: a demand read not submitted yet (see `_demand`)
+        unsent: dict[int, str] = {}
         for e, n in need.items():
             entry = self.cache.get((layer, e), allow_low=self.policy.serves(n))
             if entry is not None:
@@ -272,7 +279,11 @@ class Engine:
                 self.stats.skipped += 1
                 continue
             self.stats.misses += 1
-            waiting[e] = fut or self._submit(layer, e, self.high if n == HIGH else self.low, prefetch=False)
+            waiting[e] = fut
+            if fut is None:
+                unsent[e] = self.high if n == HIGH else self.low
+        order = list(waiting)
+        self._demand(layer, waiting, unsent, order, 0)
         self._cancel_stale(layer, set(waiting))
         if x.shape[0] == 1:
             self._prefetch(layer, x)
@@ -280,7 +291,9 @@ class Engine:
         out = None
         for e, entry in ready.items():
             out = self._apply(layer, e, entry, x, users[e], out)
-        for e, fut in waiting.items():
+        for i, e in enumerate(order):
+            self._demand(layer, waiting, unsent, order, i)
+            fut = waiting[e]
             t0 = time.perf_counter()
             entry = fut.result()
             self.stats.stall_s += time.perf_counter() - t0
@@ -292,6 +305,15 @@ class Engine:
             self.cache.put((layer, e), entry)
         self._unpin(layer)
         return torch.zeros_like(x) if out is None else out
+
+    def _demand(self, layer: int, waiting: dict, unsent: dict, order: list[int], i: int) -> None:
+        """Submit the demand reads of experts order[i : i + READ_WINDOW] not yet sent. A window rather than
+        all at once: a prefill can miss every expert of a layer, and each read's buffer lives outside the
+        cache budget until its expert has run (64 fp16 records = 300 MB on the scale model); a window of
+        twice the loader's workers keeps the device busy while the compute thread catches up."""
+        for e in order[i : i + READ_WINDOW]:
+            if waiting[e] is None:
+                waiting[e] = self._submit(layer, e, unsent.pop(e), prefetch=False)
 
     def _unpin(self, layer: int) -> None:
         for e in self.predictions.pop(layer, ()):
