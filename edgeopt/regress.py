@@ -150,10 +150,10 @@ def run_regression(
     isa = host_isa()
     same_isa = baselines.get(HOST_KEY, isa) == isa
     if update and only_profiles and not same_isa:
-        raise InputError(f"{baselines_path} was timed on [{baselines[HOST_KEY]}], this host is [{isa}]: "
+        raise InputError(f"{baselines_path} was timed on ({baselines[HOST_KEY]}), this host is ({isa}): "
                          "re-take every baseline here (--update without --profile)")
     if not same_isa:
-        notify(f"baselines were timed on [{baselines[HOST_KEY]}], this host is [{isa}]: "
+        notify(f"baselines were timed on ({baselines[HOST_KEY]}), this host is ({isa}): "
                f"latency ratios get a +{LATENCY_RATIO_TOL_OTHER_ISA:.0%} tolerance")
     timing = timing or Timing()
     profiles = runnable_profiles()
