@@ -254,3 +254,40 @@ def test_int8_pte_bundle_keeps_accuracy_in_agent(tmp_path, kernel_library):
     code, result = run_agent(make_bundle(int8, "executorch", x.numpy(), y, tmp_path / "bundle", threads=1))
     assert code == 0, result
     assert eager_top1 >= 0.97 and result["accuracy"]["top1"] >= eager_top1 - 0.02, (eager_top1, result["accuracy"])
+
+
+@pytest.mark.parametrize("nstate, groups", [(16, 4), (1, 4), (5, 3)])
+def test_reverse_half_scans_the_back_groups_backwards(kernel_library, nstate, groups):
+    """`reverse_half` = the scan of the back half's flipped sequences, flipped back: in the C++
+    kernel and in the op's PyTorch implementation."""
+    from edgeopt.ops.scan_op import cpp_selective_scan
+
+    x = scan_inputs(2, 4 * groups, 257, nstate, groups, True, True)
+    gsplit = (groups + 1) // 2
+    csplit = x["u"].shape[1] // groups * gsplit
+
+    def flip(t, split):
+        return torch.cat([t[:, :split], t[:, split:].flip(-1)], dim=1)
+
+    flipped = dict(x, **{k: flip(x[k], csplit) for k in ("u", "delta", "z")},
+                   **{k: flip(x[k], gsplit) for k in ("B", "C")})
+    want = flip(selective_scan(**flipped, delta_softplus=True, backend="reference"), csplit)
+    assert rel_error(cpp_selective_scan(**x, delta_softplus=True, reverse_half=True), want) <= 1e-5
+    assert rel_error(torch.ops.edgeopt.selective_scan(*x.values(), delta_softplus=True, reverse_half=True), want) <= 1e-5
+
+
+def test_ss2d_op_graph_has_no_flips_and_matches_the_cross_scan():
+    """Under the op backend SS2D scans the reversed directions inside the op: same output as the
+    flip-based cross-scan, and its exported graph holds no flip or expand (broadcast) copies."""
+    torch.manual_seed(0)
+    block = SS2D(d_model=16, d_state=16, forward_type="v0").eval()
+    x = torch.randn(1, 5, 7, 16)
+    with torch.no_grad():
+        want = block(x)
+        with default_backend("op"):
+            got = block(x)
+            program = torch.export.export(block, (x,), strict=False)
+    assert rel_error(got, want) <= 1e-5
+    targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    assert not [t for t in targets if "flip" in t or "expand" in t], targets
+    assert sum(v for t, v in targets.items() if "selective_scan" in t) == 1
