@@ -92,11 +92,11 @@ class SS2D(nn.Module):
 
     def project_x(self, xs: torch.Tensor) -> torch.Tensor:
         """(B, K, d_inner, L) -> (B, K, R + 2N, L)."""
-        return torch.matmul(self.x_proj_weights(), xs)  # MatMul exports faster than Einsum
+        return per_direction_matmul(self.x_proj_weights(), xs)  # MatMul exports faster than Einsum
 
     def project_dt(self, dts: torch.Tensor) -> torch.Tensor:
         """(B, K, R, L) -> (B, K, d_inner, L)."""
-        return torch.matmul(self.dt_proj_weights(), dts)
+        return per_direction_matmul(self.dt_proj_weights(), dts)
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -168,6 +168,12 @@ class SS2D(nn.Module):
         rows, cols = ys[:, 0] + ys[:, 2], ys[:, 1] + ys[:, 3]
         y = rows + cols.reshape(batch, dim, W, H).transpose(2, 3).reshape(batch, dim, L)
         return y.to(x.dtype).permute(0, 2, 1).reshape(batch, H, W, dim)
+
+
+def per_direction_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(K, m, k) @ (B, K, k, L), or @ (K, k, L) for one sample: a plain bmm then, because torch.export
+    writes matmul as expand + bmm and ExecuTorch runs those expands as element-by-element copies."""
+    return torch.bmm(weight, x) if x.dim() == 3 else torch.matmul(weight, x)
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
