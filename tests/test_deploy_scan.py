@@ -57,6 +57,7 @@ def scan_inputs(batch, dim, length, nstate, groups, with_z, with_bias, seed=0):
         (1, 40, 1, 16, 2, False, False),  # one token, channel count over one work block
         (1, 4, 4000, 16, 1, True, True),  # long L: the state carries over thousands of steps
         (1, 4, 4000, 1, 2, False, True),
+        (2, 44, 300, 1, 2, True, True),  # N = 1, 22 channels per group (two work blocks in one group)
     ],
 )
 def test_cpp_kernel_matches_reference_loop(kernel_library, batch, dim, length, nstate, groups, with_z, with_bias):
@@ -262,7 +263,7 @@ def test_reverse_half_scans_the_back_groups_backwards(kernel_library, nstate, gr
     kernel and in the op's PyTorch implementation."""
     from edgeopt.ops.scan_op import cpp_selective_scan
 
-    x = scan_inputs(2, 4 * groups, 257, nstate, groups, True, True)
+    x = scan_inputs(2, 20 * groups, 257, nstate, groups, True, True)
     gsplit = (groups + 1) // 2
     csplit = x["u"].shape[1] // groups * gsplit
 
