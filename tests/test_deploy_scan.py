@@ -57,7 +57,7 @@ def scan_inputs(batch, dim, length, nstate, groups, with_z, with_bias, seed=0):
         (1, 40, 1, 16, 2, False, False),  # one token, channel count over one work block
         (1, 4, 4000, 16, 1, True, True),  # long L: the state carries over thousands of steps
         (1, 4, 4000, 1, 2, False, True),
-        (2, 44, 300, 1, 2, True, True),  # N = 1, 22 channels per group (two work blocks in one group)
+        (2, 44, 300, 1, 2, True, True),  # N = 1 with z and batch 2
     ],
 )
 def test_cpp_kernel_matches_reference_loop(kernel_library, batch, dim, length, nstate, groups, with_z, with_bias):
