@@ -262,7 +262,28 @@ Tensor& selective_scan_out(
 
 }  // namespace edgeopt
 
-EXECUTORCH_LIBRARY(edgeopt, "selective_scan.out", edgeopt::selective_scan_out);
+namespace edgeopt {
+namespace {
+
+// Boxed by hand (not EXECUTORCH_LIBRARY's generated wrapper) so that programs exported before the
+// op had `reverse_half` still run, as forward scans (the generated wrapper would read their `out`
+// tensor as the bool and abort the process). The stack holds the arguments, `out`, then the
+// returned value (`out` again): 11 values for such programs, 12 for current ones.
+void selective_scan_boxed(KernelRuntimeContext& ctx, ::executorch::runtime::Span<::executorch::runtime::EValue*> stack) {
+  const size_t n = stack.size();
+  ET_KERNEL_CHECK_MSG(ctx, n == 11 || n == 12, InvalidArgument, ,
+                      "edgeopt::selective_scan.out: expected 11 or 12 stack values, got %zu", n);
+  auto optional = [&](size_t i) { return stack[i]->toOptional<Tensor>(); };
+  selective_scan_out(ctx, stack[0]->toTensor(), stack[1]->toTensor(), stack[2]->toTensor(), stack[3]->toTensor(),
+                     stack[4]->toTensor(), optional(5), optional(6), optional(7), stack[8]->toBool(),
+                     n == 12 && stack[9]->toBool(), stack[n - 2]->toTensor());
+}
+
+const auto registered = ::executorch::runtime::register_kernel(
+    ::executorch::runtime::Kernel("edgeopt::selective_scan.out", selective_scan_boxed));
+
+}  // namespace
+}  // namespace edgeopt
 
 // Plain C entry point over the same code (tests, ctypes): returns 0 on success.
 extern "C" int edgeopt_selective_scan_f32(const float* u, const float* delta, const float* A, const float* B,
