@@ -3,8 +3,9 @@
 `format: pte` exports with every selective scan as one `edgeopt::selective_scan` node (run on the
 device by the C++ kernel in `edgeopt/ops/csrc`, see `edgeopt.ops.build_kernels`); linear, conv and
 the other standard ops go to XNNPACK partitions. `scan_op=False` keeps the portable chunked scan
-(standard ops only, no op library needed). Static shapes, batch 1 unless `batch_size` says otherwise; a tuple of example inputs exports a
-multi-input program (calibration batches then feed the first input only, so int8 takes one input).
+(standard ops only, no op library needed). Static shapes, batch 1 unless `batch_size` says
+otherwise; a tuple of example inputs exports a multi-input program (int8 takes one input, since
+calibration batches feed one).
 `quantize=True` quantizes the XNNPACK partitions to int8 with the PT2E XNNPACK quantizer
 (symmetric per-channel weights, calibrated on `calibration` batches).
 """

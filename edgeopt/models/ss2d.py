@@ -91,11 +91,11 @@ class SS2D(nn.Module):
         return -torch.exp(self.A_logs.float())
 
     def project_x(self, xs: torch.Tensor) -> torch.Tensor:
-        """(B, K, d_inner, L) -> (B, K, R + 2N, L)."""
+        """(B, K, d_inner, L) -> (B, K, R + 2N, L); also one sample's (K, d_inner, L)."""
         return per_direction_matmul(self.x_proj_weights(), xs)  # MatMul exports faster than Einsum
 
     def project_dt(self, dts: torch.Tensor) -> torch.Tensor:
-        """(B, K, R, L) -> (B, K, d_inner, L)."""
+        """(B, K, R, L) -> (B, K, d_inner, L); also one sample's (K, R, L)."""
         return per_direction_matmul(self.dt_proj_weights(), dts)
 
     # ------------------------------------------------------------------------------------------
