@@ -57,6 +57,7 @@ def scan_inputs(batch, dim, length, nstate, groups, with_z, with_bias, seed=0):
         (1, 40, 1, 16, 2, False, False),  # one token, channel count over one work block
         (1, 4, 4000, 16, 1, True, True),  # long L: the state carries over thousands of steps
         (1, 4, 4000, 1, 2, False, True),
+        (2, 44, 300, 1, 2, True, True),  # N = 1 with z and batch 2
     ],
 )
 def test_cpp_kernel_matches_reference_loop(kernel_library, batch, dim, length, nstate, groups, with_z, with_bias):
@@ -197,3 +198,97 @@ def test_kernel_library_rejects_bad_shapes(kernel_library):
     with pytest.raises(ValueError, match="rejected shapes"):
         cpp_selective_scan(**x)
     assert np.isfinite(cpp_selective_scan(**scan_inputs(1, 8, 10, 4, 4, False, False)).numpy()).all()
+
+
+class FourInputScan(nn.Module):
+    """The bare scan with its four activations as program inputs (the isolated-scan benchmark's program)."""
+
+    def __init__(self, dim: int, nstate: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.A = nn.Parameter(-torch.exp(torch.randn(dim, nstate, generator=g)))
+        self.D, self.bias = nn.Parameter(torch.randn(dim, generator=g)), nn.Parameter(torch.randn(dim, generator=g) - 2)
+
+    def forward(self, u, delta, B, C):  # noqa: ANN001, ANN201
+        return selective_scan(u, delta, self.A, B, C, self.D, delta_bias=self.bias, delta_softplus=True)
+
+
+@pytest.mark.parametrize("nstate", [16, 1])
+def test_multi_input_pte_is_one_scan_node_matching_the_reference(tmp_path, kernel_library, nstate):
+    from executorch.extension.pybindings import portable_lib
+
+    from edgeopt.exporters.pte import export_pte
+    from edgeopt.ops.scan_op import load_library
+
+    x = scan_inputs(1, 16, 300, nstate, 4, False, False)
+    inputs = (x["u"], x["delta"], x["B"], x["C"])
+    scan = FourInputScan(16, nstate).eval()
+    path = export_pte(scan, inputs, tmp_path / "scan.pte")
+    assert op_names(path) == [SCAN]
+    load_library()
+    got = portable_lib._load_for_executorch(str(path)).forward(inputs)[0]
+    with torch.no_grad():
+        want = selective_scan(*inputs[:2], scan.A, *inputs[2:], scan.D, delta_bias=scan.bias, delta_softplus=True,
+                              backend="reference")
+    assert rel_error(got, want) <= 1e-5
+
+
+def test_int8_pte_bundle_keeps_accuracy_in_agent(tmp_path, kernel_library):
+    """digits-vmamba (trained) as an int8 .pte: the agent's top-1 on 200 eval samples stays within
+    2 points of eager fp32 (98%+), the scan stays one float op with no q/dq outside XNNPACK, the file shrinks."""
+    from pathlib import Path
+
+    from edgeopt.data import load_dataset
+    from edgeopt.exporters.pte import export_pte
+    from edgeopt.models import build_model
+
+    model = build_model("digits-vmamba", checkpoint=Path("targets/checkpoints/digits-vmamba.safetensors")).eval()
+    splits = load_dataset("digits", size=32)
+    x, y = splits.eval.x[:200].float(), splits.eval.y[:200].numpy()
+    with torch.no_grad():
+        eager_top1 = float((model(x).argmax(1).numpy() == y).mean())
+    fp32 = export_pte(model, x, tmp_path / "fp32.pte")
+    int8 = export_pte(model, x, tmp_path / "int8.pte", quantize=True, calibration=[splits.calib.x[:64].float()])
+    ops = op_names(int8)
+    assert Counter(ops)[SCAN] == 2 and not [op for op in ops if "quantize" in op]
+    assert int8.stat().st_size <= 0.8 * fp32.stat().st_size
+    code, result = run_agent(make_bundle(int8, "executorch", x.numpy(), y, tmp_path / "bundle", threads=1))
+    assert code == 0, result
+    assert eager_top1 >= 0.97 and result["accuracy"]["top1"] >= eager_top1 - 0.02, (eager_top1, result["accuracy"])
+
+
+@pytest.mark.parametrize("nstate, groups", [(16, 4), (1, 4), (5, 3)])
+def test_reverse_half_scans_the_back_groups_backwards(kernel_library, nstate, groups):
+    """`reverse_half` = the scan of the back half's flipped sequences, flipped back: in the C++
+    kernel and in the op's PyTorch implementation."""
+    from edgeopt.ops.scan_op import cpp_selective_scan
+
+    x = scan_inputs(2, 20 * groups, 257, nstate, groups, True, True)
+    gsplit = (groups + 1) // 2
+    csplit = x["u"].shape[1] // groups * gsplit
+
+    def flip(t, split):
+        return torch.cat([t[:, :split], t[:, split:].flip(-1)], dim=1)
+
+    flipped = dict(x, **{k: flip(x[k], csplit) for k in ("u", "delta", "z")},
+                   **{k: flip(x[k], gsplit) for k in ("B", "C")})
+    want = flip(selective_scan(**flipped, delta_softplus=True, backend="reference"), csplit)
+    assert rel_error(cpp_selective_scan(**x, delta_softplus=True, reverse_half=True), want) <= 1e-5
+    assert rel_error(torch.ops.edgeopt.selective_scan(*x.values(), delta_softplus=True, reverse_half=True), want) <= 1e-5
+
+
+def test_ss2d_op_graph_has_no_flips_and_matches_the_cross_scan():
+    """Under the op backend SS2D scans the reversed directions inside the op: same output as the
+    flip-based cross-scan, and its exported graph holds no flip or expand (broadcast) copies."""
+    torch.manual_seed(0)
+    block = SS2D(d_model=16, d_state=16, forward_type="v0").eval()
+    x = torch.randn(1, 5, 7, 16)
+    with torch.no_grad():
+        want = block(x)
+        with default_backend("op"):
+            got = block(x)
+            program = torch.export.export(block, (x,), strict=False)
+    assert rel_error(got, want) <= 1e-5
+    targets = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    assert not [t for t in targets if "flip" in t or "expand" in t or "matmul" in t], targets
+    assert sum(v for t, v in targets.items() if "selective_scan" in t) == 1

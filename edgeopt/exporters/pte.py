@@ -3,7 +3,9 @@
 `format: pte` exports with every selective scan as one `edgeopt::selective_scan` node (run on the
 device by the C++ kernel in `edgeopt/ops/csrc`, see `edgeopt.ops.build_kernels`); linear, conv and
 the other standard ops go to XNNPACK partitions. `scan_op=False` keeps the portable chunked scan
-(standard ops only, no op library needed). Batch 1, static shapes, like the TFLite export.
+(standard ops only, no op library needed). Static shapes, batch 1 unless `batch_size` says
+otherwise; a tuple of example inputs exports a multi-input program (int8 takes one input, since
+calibration batches feed one).
 `quantize=True` quantizes the XNNPACK partitions to int8 with the PT2E XNNPACK quantizer
 (symmetric per-channel weights, calibrated on `calibration` batches).
 """
@@ -31,11 +33,12 @@ INSTALL_HINT = "pip install 'edgeopt[pte]' (executorch==1.4.* with torch==2.13.0
 @EXPORTERS.register("pte")
 def export_pte(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     path: Path,
     scan_op: bool = True,
     quantize: bool = False,
     calibration: Iterable[torch.Tensor] = (),
+    batch_size: int = 1,
 ) -> Path:
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -45,12 +48,17 @@ def export_pte(
     if scan_op:
         import edgeopt.ops.scan_op  # noqa: F401  (defines torch.ops.edgeopt.selective_scan)
     model = model.eval()
-    sample = example_input[:1]
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    if quantize and len(inputs) > 1:
+        raise ExportError("int8 .pte export takes a single-input model (calibration batches feed one input)")
+    if batch_size < 1 or any(len(t) < batch_size for t in inputs):
+        raise ExportError(f"batch_size {batch_size}: the example input holds {len(inputs[0])} sample(s)")
+    sample = tuple(t[:batch_size] for t in inputs)
 
     def write(tmp: Path) -> None:
         try:
             with _quiet(), torch.no_grad(), default_backend("op" if scan_op else "chunked"):
-                program = torch.export.export(model, (sample,), strict=False)
+                program = torch.export.export(model, sample, strict=False)
                 if quantize:
                     program = _quantize(program, sample, calibration)
                 edge = to_edge_transform_and_lower(
@@ -60,12 +68,12 @@ def export_pte(
                 )
                 tmp.write_bytes(edge.to_executorch().buffer)
         except Exception as exc:
-            raise ExportError(describe_export_failure("ExecuTorch", model, sample, exc)) from exc
+            raise ExportError(describe_export_failure("ExecuTorch", model, sample[0], exc)) from exc
 
     return write_with(Path(path), write)
 
 
-def _quantize(program, sample: torch.Tensor, calibration: Iterable[torch.Tensor]):  # noqa: ANN001, ANN202
+def _quantize(program, sample: tuple[torch.Tensor, ...], calibration: Iterable[torch.Tensor]):  # noqa: ANN001, ANN202
     """int8 XNNPACK partitions via PT2E: annotate, calibrate, convert, re-export."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -75,12 +83,14 @@ def _quantize(program, sample: torch.Tensor, calibration: Iterable[torch.Tensor]
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(program.module(), quantizer)
-    batches = list(calibration) or [sample]
+    batches = list(calibration) or [sample[0]]
+    size = len(sample[0])
     for batch in batches:
-        for row in batch.split(1):
-            prepared(row)
+        for rows in batch.split(size):
+            if len(rows) == size:  # static shapes: calibrate with whole batches
+                prepared(rows)
     converted = convert_pt2e(prepared)
-    return torch.export.export(converted, (sample,), strict=False)
+    return torch.export.export(converted, sample, strict=False)
 
 
 def op_names(path: Path) -> list[str]:

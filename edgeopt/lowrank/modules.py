@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgeopt.models.ss2d import SS2D
+from edgeopt.models.ss2d import SS2D, per_direction_matmul
 
 
 class FactorizedLinear(nn.Module):
@@ -147,10 +147,10 @@ class LowRankSS2D(SS2D):
         if "x_proj_weight" not in self.ranks:
             return super().project_x(xs)
         u, v = self.factors("x_proj_weight")  # (K, C, r), (K, r, d) @ (B, K, d, L): plain MatMuls in ONNX
-        return u @ (v @ xs)
+        return per_direction_matmul(u, per_direction_matmul(v, xs))
 
     def project_dt(self, dts: torch.Tensor) -> torch.Tensor:
         if "dt_projs_weight" not in self.ranks:
             return super().project_dt(dts)
         u, v = self.factors("dt_projs_weight")  # (K, d, q), (K, q, R) @ (B, K, R, L)
-        return u @ (v @ dts)
+        return per_direction_matmul(u, per_direction_matmul(v, dts))

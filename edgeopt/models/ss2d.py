@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from edgeopt.ops.selective_scan import selective_scan
+from edgeopt.ops.selective_scan import active_backend, selective_scan
 
 K_DIRECTIONS = 4
 FORWARD_TYPES = ("v0", "v05_noz")
@@ -91,12 +91,12 @@ class SS2D(nn.Module):
         return -torch.exp(self.A_logs.float())
 
     def project_x(self, xs: torch.Tensor) -> torch.Tensor:
-        """(B, K, d_inner, L) -> (B, K, R + 2N, L)."""
-        return torch.matmul(self.x_proj_weights(), xs)  # MatMul exports faster than Einsum
+        """(B, K, d_inner, L) -> (B, K, R + 2N, L); also one sample's (K, d_inner, L)."""
+        return per_direction_matmul(self.x_proj_weights(), xs)  # MatMul exports faster than Einsum
 
     def project_dt(self, dts: torch.Tensor) -> torch.Tensor:
-        """(B, K, R, L) -> (B, K, d_inner, L)."""
-        return torch.matmul(self.dt_proj_weights(), dts)
+        """(B, K, R, L) -> (B, K, d_inner, L); also one sample's (K, R, L)."""
+        return per_direction_matmul(self.dt_proj_weights(), dts)
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -123,6 +123,8 @@ class SS2D(nn.Module):
         """(B, d_inner, H, W) -> merged scan output (B, H, W, d_inner) and optional states."""
         batch, dim, H, W = x.shape
         L, N, R = H * W, self.d_state, self.dt_rank
+        if active_backend(self.scan_backend) == "op" and not return_states:
+            return self.scan2d_op(x), None
         xs = cross_scan(x)  # (B, K, d, L)
         dts, Bs, Cs = torch.split(self.project_x(xs), [R, N, N], dim=2)
         dts = self.project_dt(dts)
@@ -141,6 +143,37 @@ class SS2D(nn.Module):
         ys, states = result if return_states else (result, None)
         y = cross_merge(ys.reshape(batch, K_DIRECTIONS, dim, L), H, W)
         return y.to(x.dtype).permute(0, 2, 1).reshape(batch, H, W, dim), states
+
+
+    def scan2d_op(self, x: torch.Tensor) -> torch.Tensor:
+        """`scan2d` as the exported graph for the scan op: the reversed directions scan their
+        unflipped sequences backwards inside the op (`reverse_half`), since every projection is
+        per token; so the graph holds no flips (ExecuTorch's portable flip costs an index division
+        per element), and at batch 1 the per-direction projections are plain batched matmuls
+        (no broadcast copies of the sequences)."""
+        from edgeopt.ops.scan_op import scan_node
+
+        batch, dim, H, W = x.shape
+        L, N, R = H * W, self.d_state, self.dt_rank
+        rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)
+        xs = torch.stack([rows, cols, rows, cols], dim=1)  # (B, K, d, L), directions 2 and 3 run backwards
+        per_sample = xs[0] if batch == 1 else xs
+        dts, Bs, Cs = torch.split(self.project_x(per_sample), [R, N, N], dim=-2)
+        dts = self.project_dt(dts)
+        if batch == 1:
+            dts, Bs, Cs = dts[None], Bs[None], Cs[None]
+        ys = scan_node(xs.reshape(batch, -1, L), dts.reshape(batch, -1, L), self.A(), Bs, Cs, self.Ds.float(), None,
+                       self.dt_projs_bias.reshape(-1).float(), True, reverse_half=True)
+        ys = ys.reshape(batch, K_DIRECTIONS, dim, L)
+        rows, cols = ys[:, 0] + ys[:, 2], ys[:, 1] + ys[:, 3]
+        y = rows + cols.reshape(batch, dim, W, H).transpose(2, 3).reshape(batch, dim, L)
+        return y.to(x.dtype).permute(0, 2, 1).reshape(batch, H, W, dim)
+
+
+def per_direction_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(K, m, k) @ (B, K, k, L), or @ (K, k, L) for one sample: a plain bmm then, because torch.export
+    writes matmul as expand + bmm and ExecuTorch runs those expands as element-by-element copies."""
+    return torch.bmm(weight, x) if x.dim() == 3 else torch.matmul(weight, x)
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:

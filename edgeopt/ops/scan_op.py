@@ -23,38 +23,54 @@ import torch
 from edgeopt.ops import build_kernels
 
 _ARGS = ("Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D=None, Tensor? z=None, "
-         "Tensor? delta_bias=None, bool delta_softplus=False")
+         "Tensor? delta_bias=None, bool delta_softplus=False, bool reverse_half=False")
 _LIB = torch.library.Library("edgeopt", "DEF")
 _LIB.define(f"selective_scan({_ARGS}) -> Tensor")
 _LIB.define(f"selective_scan.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
 
-def _eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> torch.Tensor:  # noqa: ANN001
+def _eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_half=False) -> torch.Tensor:  # noqa: ANN001
+    """`reverse_half`: the channels of the second half of B/C's groups scan backwards, i.e. the
+    scan of their flipped sequences, flipped back (what the C++ kernel does without the flips)."""
     from edgeopt.ops.selective_scan import _fused_kernel as fused
     from edgeopt.ops.selective_scan import selective_scan
 
+    if reverse_half:
+        groups = B.shape[1]
+        gsplit = (groups + 1) // 2
+        csplit = u.shape[1] // groups * gsplit
+
+        def flip(t, split):  # noqa: ANN001, ANN202
+            return None if t is None else torch.cat([t[:, :split], t[:, split:].flip(-1)], dim=1)
+
+        u, delta, z, B, C = flip(u, csplit), flip(delta, csplit), flip(z, csplit), flip(B, gsplit), flip(C, gsplit)
     kernel = fused()
     backend = "fused" if kernel is not None and kernel.fused_allowed(u, delta, A, B, C, D, z, delta_bias) else "chunked"
-    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend).float()
+    out = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend=backend).float()
+    return flip(out, csplit) if reverse_half else out
 
 
 @torch.library.impl(_LIB, "selective_scan", "CompositeExplicitAutograd")
-def _functional(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):  # noqa: ANN001
-    return _eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+def _functional(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,  # noqa: ANN001
+                reverse_half=False):
+    return _eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_half)
 
 
 @torch.library.impl(_LIB, "selective_scan.out", "CompositeExplicitAutograd")
-def _out(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, out):  # noqa: ANN001
-    return out.copy_(_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
+def _out(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse_half=False, *,  # noqa: ANN001
+         out):
+    return out.copy_(_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse_half))
 
 
 @torch.library.register_fake("edgeopt::selective_scan")
-def _functional_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):  # noqa: ANN001
+def _functional_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,  # noqa: ANN001
+                     reverse_half=False):
     return torch.empty_like(u, dtype=torch.float32)
 
 
 @torch.library.register_fake("edgeopt::selective_scan.out")
-def _out_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, out):  # noqa: ANN001
+def _out_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse_half=False, *,  # noqa: ANN001
+              out):
     return out
 
 
@@ -68,12 +84,13 @@ def scan_node(
     z: torch.Tensor | None,
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
+    reverse_half: bool = False,
 ) -> torch.Tensor:
     """The scan as one `edgeopt::selective_scan` node: float32, contiguous, B/C grouped."""
     f = [None if t is None else t.float().contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)]
     if f[3].dim() == 3:
         f[3], f[4] = f[3].unsqueeze(1), f[4].unsqueeze(1)
-    return torch.ops.edgeopt.selective_scan(*f, delta_softplus=delta_softplus)
+    return torch.ops.edgeopt.selective_scan(*f, delta_softplus=delta_softplus, reverse_half=reverse_half)
 
 
 @lru_cache(maxsize=1)
@@ -106,6 +123,7 @@ def cpp_selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     directory: str | None = None,
+    reverse_half: bool = False,
 ) -> torch.Tensor:
     """Run the C++ kernel on CPU tensors through its C entry point (same code ExecuTorch calls)."""
     lib = ctypes.CDLL(str(load_library(directory)))
@@ -116,7 +134,8 @@ def cpp_selective_scan(
     out = torch.empty(batch, dim, length)
     ptr = [None if x is None else ctypes.c_void_p(x.data_ptr()) for x in t]
     i64 = ctypes.c_int64
-    rc = lib.edgeopt_selective_scan_f32(*ptr, ctypes.c_int(int(delta_softplus)), ctypes.c_void_p(out.data_ptr()),
+    rc = lib.edgeopt_selective_scan_f32(*ptr, ctypes.c_int(int(delta_softplus)), ctypes.c_int(int(reverse_half)),
+                                        ctypes.c_void_p(out.data_ptr()),
                                         i64(batch), i64(dim), i64(length), i64(t[3].shape[1]), i64(A.shape[1]))
     if rc:
         raise ValueError(f"edgeopt_selective_scan_f32 rejected shapes u {tuple(u.shape)}, B {tuple(B.shape)}")

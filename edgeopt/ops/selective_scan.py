@@ -105,6 +105,12 @@ def selective_scan(
     return (out, states) if return_states else out
 
 
+def active_backend(backend: str | None = None) -> str | None:
+    """The backend a call naming `backend` (None: the `default_backend` in force) dispatches to,
+    before the automatic choice; modules ask it to build the graph the backend runs best."""
+    return backend or _DEFAULT_BACKEND.get()
+
+
 @contextlib.contextmanager
 def default_backend(backend: str | None) -> Iterator[None]:
     """Within the block, calls that name no backend use `backend` (e.g. "op" while the ExecuTorch

@@ -5,6 +5,8 @@
 //   D, delta_bias (D,) optional; z optional.
 //   delta = softplus(delta + delta_bias);  h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t
 //   y_t = <h_t, C_t> + D u_t;  out = y * silu(z)
+//   reverse_half: the channels of the second half of the G groups scan from t = L-1 down to 0
+//   (VMamba's two reversed directions, without flipping their inputs and outputs in the graph).
 //
 // Why hand-written: ExecuTorch has no scan operator, and the portable chunked graph holds two
 // (B, D, L, N) tensors and hundreds of nodes per scan. This kernel makes one pass over L per
@@ -45,6 +47,7 @@ struct ScanArgs {
   float* out;
   int64_t batch, dim, length, groups, nstate;
   bool softplus;
+  bool reverse_half;
 };
 
 inline float exp_poly(float x) {
@@ -114,7 +117,8 @@ inline void finish(const ScanArgs& a, int64_t b, int64_t d, float* y) {
 // One channel, NS states known at compile time (NS = 0: runtime count a.nstate).
 // Bt, Ct: this group's B and C, time-major (L, N).
 template <int NS>
-void scan_channel(const ScanArgs& a, int64_t b, int64_t d, const float* Bt, const float* Ct, float* dt, float* du) {
+void scan_channel(const ScanArgs& a, int64_t b, int64_t d, const float* Bt, const float* Ct, float* dt, float* du,
+                  bool reverse) {
   const int64_t L = a.length;
   const int64_t N = NS > 0 ? NS : a.nstate;
   const float* A = a.A + d * N;
@@ -128,7 +132,8 @@ void scan_channel(const ScanArgs& a, int64_t b, int64_t d, const float* Bt, cons
     hs = heap.data();
   }
   for (int64_t n = 0; n < N; ++n) hs[n] = 0.0f;
-  for (int64_t t = 0; t < L; ++t) {
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t t = reverse ? L - 1 - i : i;
     const float* bt = Bt + t * N;
     const float* ct = Ct + t * N;
     const float step = dt[t], in = du[t];
@@ -143,16 +148,24 @@ void scan_channel(const ScanArgs& a, int64_t b, int64_t d, const float* Bt, cons
 }
 
 // One state: the recurrence is scalar, so decays are computed for all t first (vectorized).
-void scan_channel_n1(const ScanArgs& a, int64_t b, int64_t d, const float* Bg, const float* Cg, float* dt, float* du) {
+void scan_channel_n1(const ScanArgs& a, int64_t b, int64_t d, const float* Bg, const float* Cg, float* dt, float* du,
+                     bool reverse) {
   const int64_t L = a.length;
   float* y = a.out + (b * a.dim + d) * L;
   prepare(a, b, d, dt, du);
   const float A = a.A[d];
   for (int64_t t = 0; t < L; ++t) dt[t] = exp_poly(dt[t] * A);
   float h = 0.0f;
-  for (int64_t t = 0; t < L; ++t) {
-    h = dt[t] * h + du[t] * Bg[t];
-    y[t] = h * Cg[t];
+  if (reverse) {
+    for (int64_t t = L - 1; t >= 0; --t) {
+      h = dt[t] * h + du[t] * Bg[t];
+      y[t] = h * Cg[t];
+    }
+  } else {
+    for (int64_t t = 0; t < L; ++t) {
+      h = dt[t] * h + du[t] * Bg[t];
+      y[t] = h * Cg[t];
+    }
   }
   finish(a, b, d, y);
 }
@@ -178,13 +191,14 @@ void run_tasks(const ScanArgs& a, int64_t begin, int64_t end) {
       transposed = bg;
     }
     const int64_t d0 = g * dg + block * kChannelBlock, d1 = std::min(d0 + kChannelBlock, (g + 1) * dg);
+    const bool reverse = a.reverse_half && 2 * g >= a.groups;
     for (int64_t d = d0; d < d1; ++d) {
       if (N == 1)
-        scan_channel_n1(a, b, d, Bg, Cg, dt.data(), du.data());
+        scan_channel_n1(a, b, d, Bg, Cg, dt.data(), du.data(), reverse);
       else if (N == 16)
-        scan_channel<16>(a, b, d, Bt.data(), Ct.data(), dt.data(), du.data());
+        scan_channel<16>(a, b, d, Bt.data(), Ct.data(), dt.data(), du.data(), reverse);
       else
-        scan_channel<0>(a, b, d, Bt.data(), Ct.data(), dt.data(), du.data());
+        scan_channel<0>(a, b, d, Bt.data(), Ct.data(), dt.data(), du.data(), reverse);
     }
   }
 }
@@ -225,6 +239,7 @@ Tensor& selective_scan_out(
     const std::optional<Tensor>& z,
     const std::optional<Tensor>& delta_bias,
     bool delta_softplus,
+    bool reverse_half,
     Tensor& out) {
   const bool shapes_ok = is_f32(u, 3) && is_f32(delta, 3) && is_f32(A, 2) && is_f32(B, 4) && is_f32(C, 4) &&
       is_f32(out, 3) && delta.numel() == u.numel() && out.numel() == u.numel() && A.size(0) == u.size(1) &&
@@ -239,21 +254,44 @@ Tensor& selective_scan_out(
              D.has_value() ? D->const_data_ptr<float>() : nullptr,
              z.has_value() ? z->const_data_ptr<float>() : nullptr,
              delta_bias.has_value() ? delta_bias->const_data_ptr<float>() : nullptr,
-             out.mutable_data_ptr<float>(), u.size(0), u.size(1), u.size(2), B.size(1), A.size(1), delta_softplus};
+             out.mutable_data_ptr<float>(), u.size(0), u.size(1), u.size(2), B.size(1), A.size(1), delta_softplus,
+             reverse_half};
   ET_KERNEL_CHECK_MSG(ctx, run(a), Internal, out, "edgeopt::selective_scan.out: parallel_for failed");
   return out;
 }
 
 }  // namespace edgeopt
 
-EXECUTORCH_LIBRARY(edgeopt, "selective_scan.out", edgeopt::selective_scan_out);
+namespace edgeopt {
+namespace {
+
+// Boxed by hand (not EXECUTORCH_LIBRARY's generated wrapper) so that programs exported before the
+// op had `reverse_half` still run, as forward scans (the generated wrapper would read their `out`
+// tensor as the bool and abort the process). The stack holds the arguments, `out`, then the
+// returned value (`out` again): 11 values for such programs, 12 for current ones.
+void selective_scan_boxed(KernelRuntimeContext& ctx, ::executorch::runtime::Span<::executorch::runtime::EValue*> stack) {
+  const size_t n = stack.size();
+  ET_KERNEL_CHECK_MSG(ctx, n == 11 || n == 12, InvalidArgument, ,
+                      "edgeopt::selective_scan.out: expected 11 or 12 stack values, got %zu", n);
+  auto optional = [&](size_t i) { return stack[i]->toOptional<Tensor>(); };
+  selective_scan_out(ctx, stack[0]->toTensor(), stack[1]->toTensor(), stack[2]->toTensor(), stack[3]->toTensor(),
+                     stack[4]->toTensor(), optional(5), optional(6), optional(7), stack[8]->toBool(),
+                     n == 12 && stack[9]->toBool(), stack[n - 2]->toTensor());
+}
+
+const auto registered = ::executorch::runtime::register_kernel(
+    ::executorch::runtime::Kernel("edgeopt::selective_scan.out", selective_scan_boxed));
+
+}  // namespace
+}  // namespace edgeopt
 
 // Plain C entry point over the same code (tests, ctypes): returns 0 on success.
 extern "C" int edgeopt_selective_scan_f32(const float* u, const float* delta, const float* A, const float* B,
                                           const float* C, const float* D, const float* z, const float* delta_bias,
-                                          int softplus, float* out, int64_t batch, int64_t dim, int64_t length,
-                                          int64_t groups, int64_t nstate) {
+                                          int softplus, int reverse_half, float* out, int64_t batch, int64_t dim,
+                                          int64_t length, int64_t groups, int64_t nstate) {
   if (batch < 1 || dim < 1 || length < 1 || groups < 1 || nstate < 1 || dim % groups) return 1;
-  edgeopt::ScanArgs a{u, delta, A, B, C, D, z, delta_bias, out, batch, dim, length, groups, nstate, softplus != 0};
+  edgeopt::ScanArgs a{u, delta, A, B, C, D, z, delta_bias, out, batch, dim, length, groups, nstate, softplus != 0,
+                      reverse_half != 0};
   return edgeopt::run(a) ? 0 : 2;
 }
