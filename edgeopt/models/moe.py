@@ -117,20 +117,24 @@ class MoEBlock(nn.Module):
 
 @lru_cache(maxsize=8)
 def _rope_table(theta: float, half: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin per position, each repeated for both halves (so rotating is two multiplies)."""
     freqs = theta ** (-torch.arange(half, dtype=torch.float32) / half)
     ang = torch.arange(length, dtype=torch.float32)[:, None] * freqs[None]
-    return ang.cos(), ang.sin()
+    return ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
 
 
 def _rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) for x (..., T, Dh) at positions start .. start+T-1."""
+    """Rotary embedding (rotate-half form) for x (..., T, Dh) at positions start .. start+T-1.
+
+    x·cos + rotate_half(x)·sin with rotate_half(x) = [-x2, x1]: the same arithmetic as
+    [x1·cos − x2·sin, x2·cos + x1·sin] in 5 tensor ops instead of 9 (decoding one token is
+    dominated by per-op overhead)."""
     half, t = x.shape[-1] // 2, x.shape[-2]
     length = 1 << max(10, (start + t - 1).bit_length())  # tables grow in powers of two, then stay cached
     cos, sin = (m[start : start + t] for m in _rope_table(theta, half, length))
     if cos.dtype != x.dtype or cos.device != x.device:
         cos, sin = cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.addcmul(x * cos, torch.cat([-x[..., half:], x[..., :half]], dim=-1), sin)
 
 
 class Attention(nn.Module):

@@ -100,7 +100,7 @@ class OffloadedLM:
     def new_sequence(self) -> None:
         self.engine.reset_sequence()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, state=None):
         """Logits (B, T, V) for `ids` (B, T) continuing `state` (None = new sequence)."""
         self.check_ids(ids)
