@@ -47,12 +47,14 @@ class EdgeoptGroup(click.Group):
 
 
 @click.group(cls=EdgeoptGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors and third-party log output.")
 @click.version_option(__version__, prog_name="edgeopt")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Compress, export and profile trained PyTorch models for edge hardware."""
     ctx.obj = {"debug": debug}
+    if debug:  # third-party log chatter too (edgeopt.console.third_party_quiet)
+        os.environ["EDGEOPT_DEBUG"] = "1"
 
 
 # -- optimize -----------------------------------------------------------------

@@ -230,3 +230,18 @@ def test_sweep_into_an_unwritable_out(cli_runner, root, tmp_path):
     blocker.write_text("x")
     recipe = _mlp_distill_recipe(root, tmp_path)
     _one_line_error(cli_runner.invoke(cli, ["sweep", str(recipe), "--out", str(blocker / "s")]), "cannot write to")
+
+
+def test_third_party_banners_stay_out_of_the_output_unless_debug():
+    """Importing litert-torch prints TensorFlow's absl banners (C++, straight to fd 2), torchao's
+    missing-kernel warnings and torch's pytree notices; the CLI hides them, `--debug` shows them."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from edgeopt.console import third_party_quiet\nwith third_party_quiet():\n"
+            "    import litert_torch\nprint('imported')")  # fmt: skip
+    runs = {flag: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 env={**os.environ, "EDGEOPT_DEBUG": flag}) for flag in ("", "1")}  # fmt: skip
+    assert runs[""].returncode == 0 and runs[""].stdout == "imported\n" and runs[""].stderr == ""
+    assert runs["1"].returncode == 0 and runs["1"].stderr.strip(), "nothing to hide: the test no longer tests"

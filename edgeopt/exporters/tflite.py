@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from edgeopt.console import third_party_quiet
 from edgeopt.exporters import EXPORTERS, ExportError
 from edgeopt.exporters.onnx import describe_export_failure
 from edgeopt.fileio import write_with
@@ -24,15 +24,15 @@ from edgeopt.fileio import write_with
 def export_tflite(model: nn.Module, example_input: torch.Tensor, path: Path, keep_metadata: bool = False) -> Path:
     """`keep_metadata` keeps litert-torch's tensor names (module stacks), which ai-edge-quantizer's
     recipes match; a deployable file drops them (`strip_tensor_names`)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import litert_torch
+    with third_party_quiet():
+        import litert_torch
 
     model = model.eval()
     sample = example_input[:1]
 
     def write(tmp: Path) -> None:
         try:
-            with _quiet():
+            with _quiet(), third_party_quiet():
                 litert_torch.convert(model, (sample,)).export(str(tmp))
         except Exception as exc:
             raise ExportError(describe_export_failure("TFLite", model, sample, exc)) from exc

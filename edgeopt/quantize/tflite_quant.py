@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -78,8 +77,10 @@ def tensor_module(tensor_name: str, modules: Iterable[str]) -> str | None:
 
 
 def _quantizer(fp32_path: Path):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from ai_edge_quantizer import quantizer
+    from edgeopt.console import third_party_quiet
+
+    with third_party_quiet():
+        from ai_edge_quantizer import quantizer
 
     return quantizer.Quantizer(str(fp32_path))
 
