@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,11 +40,13 @@ def run_onnx(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
 
 def run_tflite(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
     """Runs sample by sample: TFLite models are exported with a static batch of 1."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
+    from edgeopt.console import third_party_quiet
+
+    with third_party_quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate", from C++
+        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     results = []

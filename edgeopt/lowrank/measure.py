@@ -92,8 +92,11 @@ def _runner(path: Path, x: np.ndarray, threads: int) -> Callable[[], object]:
     if path.suffix == ".tflite":
         from ai_edge_litert.interpreter import Interpreter
 
-        interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        interpreter.allocate_tensors()
+        from edgeopt.console import third_party_quiet
+
+        with third_party_quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate", from C++
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            interpreter.allocate_tensors()
         index = interpreter.get_input_details()[0]["index"]
 
         def invoke() -> None:
