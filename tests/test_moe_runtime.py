@@ -216,3 +216,17 @@ def test_resident_holds_fp32_copies(model_and_store):
     assert all(e.gate_up.dtype == torch.float32 and e.down.dtype == torch.float32 for e in entries)
     assert lm.engine.cache.used == 2 * lm.store.total_bytes("fp16") == lm.engine.budget
     lm.close()
+
+
+def test_rope_tables_cached_while_decoding_still_train():
+    """The engine decodes under torch.inference_mode; RoPE tables it caches are reused by training."""
+    from edgeopt.models.moe import _rope
+
+    x = torch.randn(1, 2, 5, 8)
+    with torch.inference_mode():
+        decoded = _rope(x, 0, 12345.0)
+    w = torch.randn(1, 2, 5, 8, requires_grad=True)
+    trained = _rope(w * 1.0, 0, 12345.0)
+    trained.sum().backward()
+    assert w.grad is not None and torch.allclose(trained.detach(), _rope(w.detach(), 0, 12345.0))
+    assert decoded.shape == x.shape

@@ -117,10 +117,13 @@ class MoEBlock(nn.Module):
 
 @lru_cache(maxsize=8)
 def _rope_table(theta: float, half: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin per position, each repeated for both halves (so rotating is two multiplies)."""
-    freqs = theta ** (-torch.arange(half, dtype=torch.float32) / half)
-    ang = torch.arange(length, dtype=torch.float32)[:, None] * freqs[None]
-    return ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
+    """cos and sin per position, each repeated for both halves (so rotating is two multiplies).
+    Made outside inference mode: the cached tables are shared with training, and autograd refuses
+    inference tensors (the engine decodes under `torch.inference_mode`)."""
+    with torch.inference_mode(False):
+        freqs = theta ** (-torch.arange(half, dtype=torch.float32) / half)
+        ang = torch.arange(length, dtype=torch.float32)[:, None] * freqs[None]
+        return ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)
 
 
 def _rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
