@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -31,7 +30,7 @@ from edgeopt.artifact import TORCH, ModelArtifact, ModelSource, save_weights
 from edgeopt.data import load_dataset
 from edgeopt.evaluate import torch_outputs
 from edgeopt.exporters import export
-from edgeopt.lowrank.measure import macs, params, scan_flops, ss2d_params
+from edgeopt.lowrank.measure import interleaved_ms, macs, params, runner, scan_flops, ss2d_params
 from edgeopt.models import build_model
 from edgeopt.models.ss2d import SS2D
 from edgeopt.passes import PassContext, make_pass
@@ -41,35 +40,6 @@ from edgeopt.tasks import task_for
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "targets" / "checkpoints" / "rgbt-vmamba-det.safetensors"
 MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-
-
-def interleaved_ms(fns: dict[str, callable], rounds: int, per_round: int) -> dict[str, float]:
-    """Median per-call ms of each function, rounds alternating (order reversed every round)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            for _ in range(per_round):
-                fns[name]()
-            times[name].append((time.perf_counter() - start) / per_round * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
-def litert_runner(path: Path, x: np.ndarray, threads: int):  # noqa: ANN201
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
-    index = interpreter.get_input_details()[0]["index"]
-
-    def run() -> None:
-        interpreter.set_tensor(index, x)
-        interpreter.invoke()
-
-    return run
 
 
 def op_profile(model: torch.nn.Module, x: torch.Tensor, top: int = 8) -> str:
@@ -156,7 +126,7 @@ def main() -> None:
             continue  # same structure as the distilled student: same speed
         path = export("tflite", model, example, out / f"model{i}.tflite")
         timed[f"{name} | eager"] = (lambda m=model: m(example))
-        timed[f"{name} | litert"] = litert_runner(path, example.numpy(), args.threads)
+        timed[f"{name} | litert"] = runner(path, example.numpy(), args.threads)
     with torch.no_grad():
         latency = interleaved_ms(timed, args.rounds, 3)
     table = Table(title=f"RGB–IR detector, 4x256x256, batch 1, {args.threads} thread(s); mAP: COCOeval on eval")

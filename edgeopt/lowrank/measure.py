@@ -86,7 +86,7 @@ def export_for_timing(model: nn.Module, example: torch.Tensor, path: Path) -> Pa
     return write_with(path, write)
 
 
-def _runner(path: Path, x: np.ndarray, threads: int) -> Callable[[], object]:
+def runner(path: Path, x: np.ndarray, threads: int) -> Callable[[], object]:
     """One inference of the exported model at `path` on `x`, in the runtime its suffix names."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if path.suffix == ".tflite":
@@ -124,16 +124,23 @@ def latency_ms(
 ) -> dict[str, float]:
     """Median per-inference latency (ms) of each exported model (ONNX Runtime for .onnx, LiteRT for
     .tflite) on input `x`, interleaved round by round so load changes hit every model alike."""
-    runners = {name: _runner(Path(path), x, threads) for name, path in models.items()}
-    for run in runners.values():
+    runners = {name: runner(Path(path), x, threads) for name, path in models.items()}
+    return interleaved_ms(runners, rounds, runs_per_round, warmup)
+
+
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], rounds: int, runs_per_round: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median per-call ms of each function, rounds alternating (order reversed every round)."""
+    for fn in fns.values():
         for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             for _ in range(runs_per_round):
-                runners[name]()
+                fns[name]()
             times[name].append((time.perf_counter() - start) / runs_per_round * 1e3)
     return {name: float(np.median(t)) for name, t in times.items()}
