@@ -207,15 +207,22 @@ def test_demand_reads_are_windowed(model_and_store, monkeypatch):
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
 
 
-def test_resident_holds_fp32_copies(model_and_store):
-    """The fully resident policy converts each expert once at load (no per-token upcast) and counts it."""
+def test_resident_holds_fp16_for_the_kernels_and_fp32_copies_without(model_and_store, monkeypatch):
+    """Fully resident experts stay fp16 when the expert kernels read them directly; without the kernels
+    each is converted once at load (no per-token upcast), and the budget counts the fp32 bytes."""
+    from edgeopt.moe import kernels
+
     _, store = model_and_store
-    lm = OffloadedLM(store, "resident")
-    entries = list(lm.engine.cache.high.entries.values())
-    assert len(entries) == lm.store.n_layers * lm.store.n_experts
-    assert all(e.gate_up.dtype == torch.float32 and e.down.dtype == torch.float32 for e in entries)
-    assert lm.engine.cache.used == 2 * lm.store.total_bytes("fp16") == lm.engine.budget
-    lm.close()
+    for have_kernels, dtype, factor in ((True, torch.float16, 1), (False, torch.float32, 2)):
+        if not have_kernels:
+            monkeypatch.setattr(kernels, "library", lambda: None)
+        assert kernels.available() is have_kernels
+        lm = OffloadedLM(store, "resident")
+        entries = list(lm.engine.cache.high.entries.values())
+        assert len(entries) == lm.store.n_layers * lm.store.n_experts
+        assert all(e.gate_up.dtype == dtype and e.down.dtype == dtype for e in entries)
+        assert lm.engine.cache.used == factor * lm.store.total_bytes("fp16") == lm.engine.budget
+        lm.close()
 
 
 def test_rope_tables_cached_while_decoding_still_train():

@@ -79,59 +79,6 @@ class QuantizedWeight:
         return out.view(rows, groups * per_byte * packed)
 
 
-_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
-)
-
-
-@dataclass
-class Int4Kernel:
-    """A 4-bit weight in the layout of PyTorch's CPU int4 matmul kernel (`_weight_int4pack_mm_for_cpu`).
-
-    Dequantizing a whole matrix per use costs ~10x the matmul on CPU, so int4 experts are
-    packed (at store-writing time) into the kernel's own layout, the same bytes as the
-    planar codes + fp16 scale/zero, and multiplied without ever being expanded. The kernel computes w = (q - 8) · scale + zero per group, so HQQ's
-    (q - z) · s maps to scale = s, zero = (8 - z) · s; it runs on bf16 activations.
-    """
-
-    packed: torch.Tensor
-    scales_zeros: torch.Tensor
-    group: int
-    out_features: int
-    in_features: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
-
-    def dequantize(self) -> torch.Tensor:
-        """fp32 (out, in), read back through the kernel itself (identity input)."""
-        return self.matmul(torch.eye(self.in_features)).T.contiguous()
-
-    @staticmethod
-    def available() -> bool:
-        return _INT4_KERNEL
-
-    @staticmethod
-    def fits(rows: int, spec: QuantSpec) -> bool:
-        return _INT4_KERNEL and spec.bits == 4 and spec.group in (32, 64, 128, 256) and rows % 16 == 0
-
-    @classmethod
-    def from_quantized(cls, weight: QuantizedWeight) -> Int4Kernel:
-        rows, groups, packed = weight.codes.shape
-        codes = weight.codes_unpacked().to(torch.int32)
-        scale = weight.scale[..., 0].float()
-        zero = (8 - weight.zero[..., 0].float()) * scale
-        scales_zeros = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()
-        packed_w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        return cls(packed_w, scales_zeros, codes.shape[1] // groups, rows, codes.shape[1])
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     rows, groups, size = q.shape
     per_byte = 8 // bits

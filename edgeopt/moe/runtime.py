@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeopt.moe import kernels
 from edgeopt.moe.cache import ExpertCache, Key
 from edgeopt.moe.loader import DEMAND, PREFETCH, Loader
 from edgeopt.moe.policy import HIGH, LOW, SKIP, PolicyConfig, Records, Replacement
@@ -77,10 +78,11 @@ class Engine:
         for precision in (self.high, self.low):
             if precision not in store.precisions:
                 raise ValueError(f"store has no {precision} records (has {store.precisions})")
+        # Fully resident experts without the expert kernels are held as fp32 (`LoadedExpert.upcast`):
+        # memory is there by assumption, and converting on every use was the largest cost of a resident step.
+        self.upcast_resident = policy.resident and self.high == "fp16" and not kernels.available()
         if policy.resident or budget_bytes is None:
-            # Fully resident experts are held as fp32 (`LoadedExpert.upcast`): memory is there by
-            # assumption, and converting on every use was the largest cost of a resident step.
-            budget_bytes = store.total_bytes(self.high) * (2 if self.high == "fp16" and policy.resident else 1)
+            budget_bytes = store.total_bytes(self.high) * (2 if self.upcast_resident else 1)
         self.budget = int(budget_bytes)
         high_bytes = int(self.budget * policy.high_fraction)
         self.records = Records(self.n_layers)
@@ -120,7 +122,7 @@ class Engine:
         """Fill the high pool before decoding starts (resident / static placement); not timed."""
         for key in keys:
             entry = self.store.read(key[0], key[1], self.high)
-            if self.policy.resident:
+            if self.upcast_resident:
                 entry = entry.upcast()
             if not self.cache.put(key, entry):
                 break

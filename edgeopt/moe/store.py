@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from edgeopt.errors import InputError
 from edgeopt.fileio import write_json, write_with
 from edgeopt.models.moe import swiglu_expert
-from edgeopt.moe.quant import Int4Kernel, QuantizedWeight, QuantSpec, quantize
+from edgeopt.moe import kernels
+from edgeopt.moe.quant import QuantizedWeight, QuantSpec, quantize
 
 FORMAT = "edgeopt-moe-store/1"
 LOW_PRECISIONS = {"int4": QuantSpec(4, 64), "int2": QuantSpec(2, 32)}
@@ -39,14 +40,22 @@ HIGH_PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 MATRICES = ("gate_up", "down")
 
 
+_UNPREPARED = object()
+
+
 @dataclass
 class LoadedExpert:
     """One expert as held in memory: dense (fp16/fp32) or quantized matrices; `nbytes` is what it costs."""
 
     precision: str
-    gate_up: torch.Tensor | QuantizedWeight | Int4Kernel
-    down: torch.Tensor | QuantizedWeight | Int4Kernel
+    gate_up: torch.Tensor | QuantizedWeight
+    down: torch.Tensor | QuantizedWeight
     nbytes: int
+    _kernel: object = field(default=_UNPREPARED, init=False, repr=False, compare=False)  # kernels.prepare's, made on first use
+
+    @property
+    def hidden(self) -> int:
+        return self.down.shape[0] if isinstance(self.down, torch.Tensor) else self.down.codes.shape[0]
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 dense matrices (only for dense records; quantized ones compute through `forward`)."""
@@ -60,25 +69,25 @@ class LoadedExpert:
         return LoadedExpert(self.precision, gate_up, down, 4 * (gate_up.numel() + down.numel()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU expert on x (tokens, hidden); cached fp16 weights are upcast on use (exact fp32 compute,
-        matching transformers, while the cache holds half the bytes)."""
+        """SwiGLU expert on x (tokens, hidden) in fp32, the weights read in their stored precision by the
+        expert kernels (`edgeopt.moe.kernels`); where those do not apply, fp16 weights are upcast on use
+        (the same fp32 math, matching transformers) and low-bit ones dequantized."""
+        if self._kernel is _UNPREPARED:
+            self._kernel = kernels.prepare(self.gate_up, self.down)
+        if self._kernel is not None and kernels.applies(x, self.hidden):
+            return self._kernel(x)
         if isinstance(self.gate_up, torch.Tensor):
             return swiglu_expert(x, self.gate_up.to(x.dtype), self.down.to(x.dtype))
         gate, up = self.gate_up.matmul(x).chunk(2, dim=-1)
         return self.down.matmul(F.silu(gate) * up)
 
 
-KERNEL_LAYOUT, PORTABLE_LAYOUT = "aten-int4pack-cpu", "hqq-planar"
+# int4 codes are stored HQQ-planar, the layout the expert kernels read. Stores written before in PyTorch's
+# CPU int4 kernel layout ("aten-int4pack-cpu") are refused with a request to re-pack.
+PORTABLE_LAYOUT = "hqq-planar"
 
 
-def int4_layout(shapes: dict[str, list[int]]) -> str:
-    """int4 records are stored in the CPU int4 kernel's own layout when the kernel exists and fits:
-    converting at load time costs more than reading the record (0.45 vs 0.17 ms measured)."""
-    fits = all(Int4Kernel.fits(rows, LOW_PRECISIONS["int4"].for_width(cols)) for rows, cols in shapes.values())
-    return KERNEL_LAYOUT if fits else PORTABLE_LAYOUT
-
-
-def _components(precision: str, shapes: dict[str, list[int]], layout: str) -> list[tuple[str, str, list[int]]]:
+def _components(precision: str, shapes: dict[str, list[int]]) -> list[tuple[str, str, list[int]]]:
     if precision in HIGH_PRECISIONS:
         return [(m, precision, shapes[m]) for m in MATRICES]
     out = []
@@ -86,9 +95,6 @@ def _components(precision: str, shapes: dict[str, list[int]], layout: str) -> li
         rows, cols = shapes[m]
         spec = LOW_PRECISIONS[precision].for_width(cols)
         groups = cols // spec.group
-        if precision == "int4" and layout == KERNEL_LAYOUT:
-            out += [(f"{m}.packed", "uint8", [rows, cols // 2]), (f"{m}.scales_zeros", "bf16", [groups, rows, 2])]
-            continue
         out += [
             (f"{m}.codes", "uint8", [rows, groups, spec.group // spec.per_byte]),
             (f"{m}.scale", "fp16", [rows, groups, 1]),
@@ -97,46 +103,35 @@ def _components(precision: str, shapes: dict[str, list[int]], layout: str) -> li
     return out
 
 
-_NP = {"fp16": np.float16, "fp32": np.float32, "uint8": np.uint8, "bf16": np.int16}  # bf16 travels as raw int16
+_NP = {"fp16": np.float16, "fp32": np.float32, "uint8": np.uint8}
 
 
-def encode_expert(gate_up: torch.Tensor, down: torch.Tensor, precision: str, layout: str = PORTABLE_LAYOUT,
-                  hqq: bool = True) -> bytes:
+def encode_expert(gate_up: torch.Tensor, down: torch.Tensor, precision: str, hqq: bool = True) -> bytes:
     if precision in HIGH_PRECISIONS:
         parts = [t.detach().to(HIGH_PRECISIONS[precision]).contiguous() for t in (gate_up, down)]
     elif precision in LOW_PRECISIONS:
         parts = []
         for t in (gate_up, down):
             q = quantize(t, LOW_PRECISIONS[precision], optimize=hqq)
-            if precision == "int4" and layout == KERNEL_LAYOUT:
-                k = Int4Kernel.from_quantized(q)
-                parts += [k.packed, k.scales_zeros.view(torch.int16)]
-            else:
-                parts += [q.codes, q.scale, q.zero]
+            parts += [q.codes, q.scale, q.zero]
     else:
         raise InputError(f"unknown precision '{precision}' (known: {', '.join([*HIGH_PRECISIONS, *LOW_PRECISIONS])})")
     return b"".join(p.contiguous().numpy().tobytes() for p in parts)
 
 
 def decode_expert(
-    blob: bytes | bytearray | np.ndarray, precision: str, shapes: dict[str, list[int]], layout: str = PORTABLE_LAYOUT
+    blob: bytes | bytearray | np.ndarray, precision: str, shapes: dict[str, list[int]]
 ) -> LoadedExpert:
     """Record bytes → in-memory expert, as views on the read buffer (no copy, no conversion)."""
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
-    for name, dtype, shape in _components(precision, shapes, layout):
+    for name, dtype, shape in _components(precision, shapes):
         count = int(np.prod(shape))
         arr = np.frombuffer(blob, dtype=_NP[dtype], count=count, offset=offset).reshape(shape)
-        tensors[name] = torch.from_numpy(arr).view(torch.bfloat16) if dtype == "bf16" else torch.from_numpy(arr)
+        tensors[name] = torch.from_numpy(arr)
         offset += arr.nbytes
     if precision in HIGH_PRECISIONS:
         mats = [tensors[m] for m in MATRICES]
-    elif precision == "int4" and layout == KERNEL_LAYOUT:
-        mats = [
-            Int4Kernel(tensors[f"{m}.packed"], tensors[f"{m}.scales_zeros"], shapes[m][1] // tensors[f"{m}.scales_zeros"].shape[0],
-                       shapes[m][0], shapes[m][1])
-            for m in MATRICES
-        ]
     else:
         bits = LOW_PRECISIONS[precision].bits
         mats = [QuantizedWeight(tensors[f"{m}.codes"], tensors[f"{m}.scale"], tensors[f"{m}.zero"], bits) for m in MATRICES]
@@ -147,10 +142,10 @@ def record_name(layer: int, expert: int, precision: str) -> str:
     return f"l{layer}.e{expert}.{precision}"
 
 
-def record_nbytes(precision: str, shapes: dict[str, list[int]], layout: str) -> int:
+def record_nbytes(precision: str, shapes: dict[str, list[int]]) -> int:
     """A record's size, known before any expert is encoded (the streaming writer needs the header first)."""
-    sizes = {"fp16": 2, "fp32": 4, "uint8": 1, "bf16": 2}
-    return sum(sizes[dtype] * int(np.prod(shape)) for _, dtype, shape in _components(precision, shapes, layout))
+    sizes = {"fp16": 2, "fp32": 4, "uint8": 1}
+    return sum(sizes[dtype] * int(np.prod(shape)) for _, dtype, shape in _components(precision, shapes))
 
 
 class StoreWriter:
@@ -173,11 +168,10 @@ class StoreWriter:
         self.shapes = {k: list(v) for k, v in shapes.items()}
         self.precisions = tuple(precisions)
         self.hqq = hqq  # False: min-max low-bit codes, ~5x faster to pack, a little less accurate
-        self.layout = int4_layout(self.shapes)
         self.names = [record_name(layer, e, p) for layer in range(n_layers) for e in range(n_experts) for p in precisions]
         header, offset = {}, 0
         for name in self.names:
-            n = record_nbytes(name.rsplit(".", 1)[1], self.shapes, self.layout)
+            n = record_nbytes(name.rsplit(".", 1)[1], self.shapes)
             header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -198,7 +192,7 @@ class StoreWriter:
             name = record_name(layer, expert, precision)
             if self.names[self._next] != name:
                 raise ValueError(f"record {name} written out of order (expected {self.names[self._next]})")
-            blob = encode_expert(gate_up, down, precision, self.layout, self.hqq)
+            blob = encode_expert(gate_up, down, precision, self.hqq)
             self.file.write(blob)
             self.crcs[name] = zlib.crc32(blob)
             self._next += 1
@@ -224,7 +218,7 @@ class StoreWriter:
             "n_experts": self.n_experts,
             "shapes": self.shapes,
             "precisions": list(self.precisions),
-            "int4_layout": self.layout,
+            "int4_layout": PORTABLE_LAYOUT,
             "torch": torch.__version__,
             "crc32": self.crcs,
             "low_bit_quantizer": "hqq" if self.hqq else "minmax",
@@ -283,10 +277,10 @@ class ExpertStore:
         self.n_experts: int = self.manifest["n_experts"]
         self.shapes: dict[str, list[int]] = self.manifest["shapes"]
         self.precisions: list[str] = self.manifest["precisions"]
-        self.int4_layout: str = self.manifest.get("int4_layout", PORTABLE_LAYOUT)
-        if self.int4_layout == KERNEL_LAYOUT and "int4" in self.precisions and not Int4Kernel.available():
-            raise InputError(f"{self.path}: int4 records use PyTorch's CPU int4 kernel layout, which PyTorch "
-                             f"{torch.__version__} lacks; repack the store with this PyTorch")
+        layout = self.manifest.get("int4_layout", PORTABLE_LAYOUT)
+        if layout != PORTABLE_LAYOUT and "int4" in self.precisions:
+            raise InputError(f"{self.path}: int4 records in layout '{layout}' (written by an older edgeopt); "
+                             f"re-pack the store with `edgeopt moe pack`")
         self.data_path = self.path / "experts.safetensors"
         self.offsets = self._read_header()
         self._fd = os.open(self.data_path, os.O_RDONLY)
@@ -352,7 +346,7 @@ class ExpertStore:
         return blob
 
     def read(self, layer: int, expert: int, precision: str) -> LoadedExpert:
-        return decode_expert(self.read_raw(layer, expert, precision), precision, self.shapes, self.int4_layout)
+        return decode_expert(self.read_raw(layer, expert, precision), precision, self.shapes)
 
     def resident_state(self):
         """The non-expert weights as a name → tensor reader (one tensor in memory at a time while the
