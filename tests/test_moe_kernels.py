@@ -92,3 +92,32 @@ def test_store_in_the_old_int4_layout_is_refused_in_one_line(tmp_path):
     with pytest.raises(InputError, match="re-pack") as err:
         ExpertStore(tmp_path / "s")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", [1, 4, kernels.MAX_TOKENS + 3])
+def test_bf16_linear_equals_the_fp32_model(bias, tokens):
+    """A bf16 checkpoint's linear held in bf16 gives what the fp32-materialized model gives."""
+    weight = (torch.randn(301, 200) * 0.05).bfloat16()
+    b = torch.randn(301) if bias else None
+    x = torch.randn(2, tokens, 200)
+    want = torch.nn.functional.linear(x, weight.float(), b)
+    got = kernels.CompactLinear(weight, b)(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_compact_linears_swaps_bf16_linears_but_not_routers_or_shared_weights():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.gate, self.head = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+            self.embed = torch.nn.Embedding(8, 8)
+            self.head.weight = self.embed.weight  # tied
+
+    model = Block()
+    names = {"q_proj.weight", "gate.weight", "head.weight", "embed.weight"}
+    assert kernels.compact_linears(model, names) == 1
+    assert isinstance(model.q_proj, kernels.CompactLinear) and model.q_proj.weight.dtype == torch.bfloat16
+    assert type(model.gate) is torch.nn.Linear and type(model.head) is torch.nn.Linear
+    assert kernels.compact_linears(Block(), set()) == 0  # fp32 checkpoints stay fp32

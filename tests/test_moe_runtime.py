@@ -113,7 +113,7 @@ def test_cache_never_exceeds_budget(model_and_store, policy, monkeypatch):
 
 
 def test_pinned_entries_are_not_evicted():
-    cache = ExpertCache(100, 0, priority=lambda key, high: key[1])
+    cache = ExpertCache(100, 0, scorer=lambda high: lambda key: key[1])
     entry = LoadedExpert("fp16", None, None, 40)
     assert cache.put((0, 0), entry) and cache.put((0, 1), entry)
     cache.pinned.add((0, 0))

@@ -1,6 +1,6 @@
 """A byte-budgeted expert cache with separate high- and low-precision pools.
 
-Which entry to evict is the replacement policy's business (`Replacement.priority`:
+Which entry to evict is the replacement policy's business (`Replacement.scorer`:
 lowest goes first); pinned entries (experts predicted for the next layers) are never
 evicted. An entry that cannot fit without evicting a pinned one is simply not cached,
 so `used_bytes <= capacity` holds for each pool at all times.
@@ -28,10 +28,10 @@ class Pool:
 
 
 class ExpertCache:
-    def __init__(self, high_bytes: int, low_bytes: int, priority: Callable[[Key, bool], float]) -> None:
+    def __init__(self, high_bytes: int, low_bytes: int, scorer: Callable[[bool], Callable[[Key], float]]) -> None:
         self.high = Pool(high_bytes)
         self.low = Pool(low_bytes)
-        self.priority = priority
+        self.scorer = scorer  # scorer(high pool?) -> priority of a key now
         self.pinned: set[Key] = set()
         self.peak_used = 0
 
@@ -61,18 +61,17 @@ class ExpertCache:
             return True
         if entry.nbytes > pool.capacity:
             return False
-        candidates = sorted(
-            (k for k in pool.entries if k not in self.pinned), key=lambda k: self.priority(k, is_high)
-        )
         need = pool.used + entry.nbytes - pool.capacity
         victims = []
-        for k in candidates:
-            if need <= 0:
-                break
-            victims.append(k)
-            need -= pool.entries[k].nbytes
-        if need > 0:
-            return False
+        if need > 0:  # scoring every entry is the cost of a put; a pool with room needs none
+            candidates = sorted((k for k in pool.entries if k not in self.pinned), key=self.scorer(is_high))
+            for k in candidates:
+                if need <= 0:
+                    break
+                victims.append(k)
+                need -= pool.entries[k].nbytes
+            if need > 0:
+                return False
         for k in victims:
             pool.remove(k)
         pool.entries[key] = entry

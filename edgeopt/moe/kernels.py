@@ -18,6 +18,8 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from edgeopt.moe.quant import QuantizedWeight
 
@@ -37,7 +39,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.edgeopt_swiglu_f16.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64]
     lib.edgeopt_swiglu_q4.argtypes = [_P, _P, _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _I64]
-    for fn in (lib.edgeopt_swiglu_f16, lib.edgeopt_swiglu_q4):
+    lib.edgeopt_linear_bf16.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
+    for fn in (lib.edgeopt_swiglu_f16, lib.edgeopt_swiglu_q4, lib.edgeopt_linear_bf16):
         fn.restype = None
     return lib
 
@@ -100,3 +103,51 @@ def swiglu(x: torch.Tensor, gate_up, down) -> torch.Tensor | None:
     """One-off form of `prepare` (None where the kernels do not apply)."""
     run = prepare(gate_up, down)
     return run(x) if run is not None and applies(x, _shape(down)[0]) else None
+
+
+class CompactLinear(nn.Module):
+    """An `nn.Linear` of a bf16 checkpoint held in bf16: decode steps multiply it with the bf16 kernel
+    (bf16 -> fp32 is exact, so the result is the fp32 model's up to summation order) and read half the
+    bytes (the scale model's fp32 LM head alone was 131 MB per token); longer inputs upcast per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        lib = library()
+        if lib is None or flat.dtype != torch.float32 or flat.shape[0] > MAX_TOKENS:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        flat = flat.contiguous()
+        y = torch.empty(flat.shape[0], self.out_features)
+        lib.edgeopt_linear_bf16(self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+                                flat.data_ptr(), y.data_ptr(), flat.shape[0], self.out_features, self.in_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def compact_linears(model: nn.Module, bf16_names: set[str]) -> int:
+    """Replace every `nn.Linear` whose checkpoint weight was bf16 by a `CompactLinear` (not routers, which
+    the engine reads as fp32 matrices, nor weights shared with another module); returns how many."""
+    if library() is None:
+        return 0
+    shared = _shared_ids(model)
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if (type(module) is not nn.Linear or f"{name}.weight" not in bf16_names or name.rsplit(".", 1)[-1] == "gate"
+                or id(module.weight) in shared):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, CompactLinear(module.weight.detach(), module.bias))
+        swapped += 1
+    return swapped
+
+
+def _shared_ids(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, count in seen.items() if count > 1}

@@ -18,7 +18,7 @@ from torch import nn
 
 from edgeopt.errors import InputError
 from edgeopt.models.moe import MoEConfig, MoELM
-from edgeopt.moe import blocks
+from edgeopt.moe import blocks, kernels
 
 
 def load_source(path: Path) -> tuple[nn.Module, dict]:
@@ -69,13 +69,17 @@ def materialize(model: nn.Module, state) -> nn.Module:
     missing = [n for n in tensors if n not in state]
     if missing:
         raise InputError(f"store's resident weights lack {len(missing)} tensors (e.g. {missing[0]})")
+    bf16 = set()
     with torch.no_grad():
         for name, tensor in tensors.items():
             value = state[name]
             if tuple(value.shape) != tuple(tensor.shape):
                 raise InputError(f"resident weight {name} has shape {tuple(value.shape)}, model wants {tuple(tensor.shape)}")
+            if value.dtype == torch.bfloat16:
+                bf16.add(name)
             tensor.copy_(value)
             del value
     if hasattr(state, "close"):
         state.close()
+    kernels.compact_linears(model, bf16)  # bf16 linears computed from bf16: exact, half the bytes per token
     return model.eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from edgeopt.errors import unknown_name
@@ -122,22 +123,29 @@ class Replacement:
         self.records = records
         self.static_rank = static_rank or {}
 
-    def __call__(self, key: tuple[int, int], high_pool: bool) -> float:
+    def scorer(self, high_pool: bool) -> Callable[[tuple[int, int]], float]:
+        """The priority of a key at this moment, as one function for one eviction: an eviction scores
+        every unpinned entry of a pool (hundreds of int4 experts), so the clock, the current layer and
+        the weights are read once, not per entry."""
         r = self.records
         if self.policy.replacement == "lru":
-            return float(r.last.get(key, 0))
+            return lambda key: float(r.last.get(key, 0))
         if self.policy.replacement == "static":
-            return float(self.static_rank.get(key, 0))
+            rank = self.static_rank
+            return lambda key: float(rank.get(key, 0))
         w_lru, w_lfu, w_lhu, w_fld = self.policy.weights
         t = max(r.clock, 1)
-        # Forward layer distance: the layer that runs next scores 1, the one just run 1/n.
-        distance = (key[0] - r.current_layer - 1) % r.n_layers
-        return (
-            w_lru * r.last.get(key, 0) / t
-            + w_lfu * r.freq.get(key, 0) / t
-            + w_lhu * r.high_uses.get(key, 0) / t
-            + w_fld * (1 - distance / r.n_layers)
-        )
+        last, freq, high, n, nxt = r.last, r.freq, r.high_uses, r.n_layers, r.current_layer + 1
+
+        def score(key: tuple[int, int]) -> float:
+            # Forward layer distance: the layer that runs next scores 1, the one just run 1/n.
+            return ((w_lru * last.get(key, 0) + w_lfu * freq.get(key, 0) + w_lhu * high.get(key, 0)) / t
+                    + w_fld * (1 - ((key[0] - nxt) % n) / n))
+
+        return score
+
+    def __call__(self, key: tuple[int, int], high_pool: bool) -> float:
+        return self.scorer(high_pool)(key)
 
 
 Trace = list[list[list[list[tuple[int, float]]]]]  # sequence → token → layer → [(expert, weight)] by rank
@@ -151,7 +159,7 @@ def miss_penalty(policy: PolicyConfig, trace: Trace, high_bytes: int, low_bytes:
     n_layers = len(trace[0][0])
     records = Records(n_layers)
     cache = ExpertCache(int(budget * policy.high_fraction), budget - int(budget * policy.high_fraction),
-                        Replacement(policy, records))
+                        Replacement(policy, records).scorer)
     sizes = {HIGH: high_bytes, LOW: low_bytes}
     penalty = 0.0
     for sequence in trace:

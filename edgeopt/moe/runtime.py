@@ -87,7 +87,7 @@ class Engine:
         high_bytes = int(self.budget * policy.high_fraction)
         self.records = Records(self.n_layers)
         static_rank = {k: float(v) for k, v in (hot_counts or {}).items()}
-        self.cache = ExpertCache(high_bytes, self.budget - high_bytes, Replacement(policy, self.records, static_rank))
+        self.cache = ExpertCache(high_bytes, self.budget - high_bytes, Replacement(policy, self.records, static_rank).scorer)
         # Prefetch (need → precision) only where the pool could keep such a record: a read no pool can
         # keep (e.g. a zero-sized high-precision pool) would be a buffer outside the budget, and a
         # low-precision stand-in would change what the token computes.

@@ -9,6 +9,9 @@
 // The math is exactly the reference's (w = fp16 value, or (q - zero) * scale for int4; fp32 sums),
 // only the summation order differs.
 //
+// The same holds for the resident (non-expert) weights of a bf16 checkpoint: bf16 -> fp32 is exact (the
+// upper 16 bits), so `edgeopt_linear_bf16` gives the fp32 model's results from half its bytes.
+//
 // C ABI (loaded with ctypes by edgeopt/moe/kernels.py). Shapes: x (M, H) fp32; gate_up (2I, H),
 // down (H, I), gate rows first; y (M, H) fp32; tmp (M, 2I) fp32 scratch. int4 matrices: codes
 // (rows, in / group, group / 2) uint8, the first half of a group's codes in the low nibbles and the
@@ -141,6 +144,41 @@ inline float dot_q4(const uint8_t* codes, const half_t* scale, const half_t* zer
   return s;
 }
 
+// <w_row, x> for a bf16 row: a bf16 value is the upper half of its fp32 bit pattern
+inline float dot_bf16(const uint16_t* w, const float* x, int64_t K) {
+  int64_t k = 0;
+  float s = 0;
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  for (; k + 32 <= K; k += 32) {
+    __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k))), 16));
+    __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16))), 16));
+    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), a1);
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))), 16));
+    __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8))), 16));
+    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
+  }
+  __m256 a = _mm256_add_ps(a0, a1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  s = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+#endif
+  for (; k < K; ++k) {
+    uint32_t bits = static_cast<uint32_t>(w[k]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    s += f * x[k];
+  }
+  return s;
+}
+
 struct F16Matrix {
   const half_t* w;
   int64_t rows, cols;
@@ -191,12 +229,21 @@ void swiglu(const Matrix& gate_up, const Matrix& down, const float* x, float* y,
 
 extern "C" {
 
-int edgeopt_moe_abi() { return 1; }
+int edgeopt_moe_abi() { return 2; }
 
 void edgeopt_swiglu_f16(const void* gate_up, const void* down, const float* x, float* y, float* tmp,
                         int64_t M, int64_t H, int64_t I) {
   swiglu(F16Matrix{static_cast<const half_t*>(gate_up), 2 * I, H}, F16Matrix{static_cast<const half_t*>(down), H, I},
          x, y, tmp, M, H, I);
+}
+
+// y (M, N) = x (M, K) W^T (+ bias): W (N, K) bf16, bias (N,) fp32 or null
+void edgeopt_linear_bf16(const uint16_t* w, const float* bias, const float* x, float* y, int64_t M, int64_t N,
+                         int64_t K) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float b = bias ? bias[n] : 0.0f;
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_bf16(w + n * K, x + m * K, K) + b;
+  }
 }
 
 void edgeopt_swiglu_q4(const uint8_t* gu_codes, const void* gu_scale, const void* gu_zero, int64_t gu_group,
