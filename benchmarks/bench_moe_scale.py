@@ -253,7 +253,7 @@ def main() -> None:
         rows = {name: run_policy(store, name, fraction, text, tuned.get(name)) for name in policies}
         lru = rows.get("lru-fp16")
         r0 = next(iter(rows.values()))
-        print(f"\nbudget {fraction:.0%} = {r0['budget'] / 2**20:.0f} MiB; resident weights in memory (fp32) "
+        print(f"\nbudget {fraction:.0%} = {r0['budget'] / 2**20:.0f} MiB; resident (non-expert) weights in memory "
               f"{r0['resident'] / 2**20:.0f} MiB; idle interpreter {base_rss / 2**20:.0f} MiB")
         head = (f"{'policy':<14} {'tok/s':>6} {'xLRU':>5} {'TTFT ms':>8} {'hit':>5} {'MB/tok':>7} {'bound tok/s':>11} "
                 f"{'% bound':>7} {'hi/lo/skip':>14} {'peak RSS MiB':>12} {'RSS/(budget+res+idle)':>21}")

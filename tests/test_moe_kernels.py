@@ -121,3 +121,21 @@ def test_compact_linears_swaps_bf16_linears_but_not_routers_or_shared_weights():
     assert isinstance(model.q_proj, kernels.CompactLinear) and model.q_proj.weight.dtype == torch.bfloat16
     assert type(model.gate) is torch.nn.Linear and type(model.head) is torch.nn.Linear
     assert kernels.compact_linears(Block(), set()) == 0  # fp32 checkpoints stay fp32
+
+
+def test_materialize_never_holds_bf16_linears_in_fp32():
+    """A store whose resident linears are bf16 fills CompactLinears directly (no fp32 copy ever allocated)
+    and computes what the fp32 model computes."""
+    from edgeopt.moe.models import materialize
+
+    state = {"0.weight": (torch.randn(16, 8) * 0.1).bfloat16(), "0.bias": torch.randn(16),
+             "2.weight": torch.randn(4, 16).bfloat16(), "2.bias": torch.randn(4)}
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
+    materialize(model, state)
+    assert all(isinstance(model[i], kernels.CompactLinear) and model[i].weight.dtype == torch.bfloat16 for i in (0, 2))
+    assert not [p for p in model.parameters()]  # nothing left in fp32
+    x = torch.randn(3, 8)
+    h = torch.nn.functional.silu(torch.nn.functional.linear(x, state["0.weight"].float(), state["0.bias"]))
+    want = torch.nn.functional.linear(h, state["2.weight"].float(), state["2.bias"])
+    assert (model(x) - want).abs().max() <= 1e-5 * want.abs().max()

@@ -63,23 +63,28 @@ def resident_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def materialize(model: nn.Module, state) -> nn.Module:
     """Allocate the skeleton on CPU and fill every parameter/buffer from the resident state
     (a dict or a name → tensor reader: then one tensor is read at a time, and peak memory is the
-    model plus one tensor)."""
+    model plus one tensor). Linears stored in bf16 become `kernels.CompactLinear`s before anything is
+    allocated, so they never exist in fp32 (exact: bf16 → fp32 is the upper half of the bits)."""
+    kernels.compact_linears(model, _bf16_names(state))
     model.to_empty(device="cpu")
     tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     missing = [n for n in tensors if n not in state]
     if missing:
         raise InputError(f"store's resident weights lack {len(missing)} tensors (e.g. {missing[0]})")
-    bf16 = set()
     with torch.no_grad():
         for name, tensor in tensors.items():
             value = state[name]
             if tuple(value.shape) != tuple(tensor.shape):
                 raise InputError(f"resident weight {name} has shape {tuple(value.shape)}, model wants {tuple(tensor.shape)}")
-            if value.dtype == torch.bfloat16:
-                bf16.add(name)
             tensor.copy_(value)
             del value
     if hasattr(state, "close"):
         state.close()
-    kernels.compact_linears(model, bf16)  # bf16 linears computed from bf16: exact, half the bytes per token
     return model.eval()
+
+
+def _bf16_names(state) -> set[str]:
+    """Names of the tensors stored in bf16 (from the header of a checkpoint reader, or a dict's dtypes)."""
+    if hasattr(state, "entries"):
+        return {n for n, e in state.entries.items() if e.dtype == "BF16"}
+    return {n for n, t in state.items() if t.dtype == torch.bfloat16}
