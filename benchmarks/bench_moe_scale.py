@@ -143,12 +143,15 @@ lm.close()
 
 
 def run_policy(store: Path, policy: str, fraction: float, text: dict, overrides: dict | None = None) -> dict:
+    """One policy in a fresh child; the cold bandwidth is measured again right before it (this host's
+    disk drifts between runs: lru-fp16 read 582 vs 915 MB/s in two runs with the same start-up figure)."""
+    bandwidth = cold_bandwidth(store, samples=32)[0]
     drop_page_cache([store / "experts.safetensors"])
     out = subprocess.run([sys.executable, "-c", RUN, str(store), policy, str(fraction), json.dumps(overrides or {}), json.dumps(text)],
                          env=child_env(), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{policy} @ {fraction}: {out.stderr.strip().splitlines()[-1]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"bandwidth": bandwidth}
 
 
 def calibration_trace(store: Path, vocab: int, sequences: int = 2, length: int = 64) -> list:
@@ -255,27 +258,27 @@ def main() -> None:
         r0 = next(iter(rows.values()))
         print(f"\nbudget {fraction:.0%} = {r0['budget'] / 2**20:.0f} MiB; resident (non-expert) weights in memory "
               f"{r0['resident'] / 2**20:.0f} MiB; idle interpreter {base_rss / 2**20:.0f} MiB")
-        head = (f"{'policy':<14} {'tok/s':>6} {'xLRU':>5} {'TTFT ms':>8} {'hit':>5} {'MB/tok':>7} {'bound tok/s':>11} "
+        head = (f"{'policy':<14} {'tok/s':>6} {'xLRU':>5} {'TTFT ms':>8} {'hit':>5} {'MB/tok':>7} {'MB/s':>5} {'bound tok/s':>11} "
                 f"{'% bound':>7} {'hi/lo/skip':>14} {'peak RSS MiB':>12} {'RSS/(budget+res+idle)':>21}")
         print(head)
         print("-" * len(head))
         for name, r in rows.items():
-            bound = bandwidth * 1e6 / r["bytes_per_token"] if r["bytes_per_token"] else float("inf")
+            bound = r["bandwidth"] * 1e6 / r["bytes_per_token"] if r["bytes_per_token"] else float("inf")
             limit = r["budget"] + r["resident"] + base_rss
             print(f"{name:<14} {r['tok_s']:6.2f} {r['tok_s'] / lru['tok_s'] if lru else float('nan'):5.2f} "
-                  f"{r['ttft_ms']:8.0f} {r['hit']:5.2f} {r['bytes_per_token'] / 1e6:7.1f} {bound:11.2f} "
+                  f"{r['ttft_ms']:8.0f} {r['hit']:5.2f} {r['bytes_per_token'] / 1e6:7.1f} {r['bandwidth']:5.0f} {bound:11.2f} "
                   f"{r['tok_s'] / bound:7.0%} {'/'.join(f'{x:.2f}' for x in r['split']):>14} "
                   f"{r['peak_rss'] / 2**20:12.0f} {r['peak_rss'] / limit:21.2f}")
         if fraction == 0.25 and "hobbit" in rows:
             hobbit25 = rows["hobbit"]
         if "hobbit" in rows and lru:
             h = rows["hobbit"]
-            bound = bandwidth * 1e6 / h["bytes_per_token"] if h["bytes_per_token"] else float("inf")
+            bound = h["bandwidth"] * 1e6 / h["bytes_per_token"] if h["bytes_per_token"] else float("inf")
             print(f"hobbit: {h['tok_s'] / lru['tok_s']:.2f}x lru-fp16 (goal >= 3x at 25%), {h['tok_s'] / bound:.0%} of its "
                   f"bandwidth bound (goal >= 70%), peak RSS {h['peak_rss'] / (h['budget'] + h['resident'] + base_rss):.2f}x "
                   f"budget + resident + idle interpreter (goal <= 1.10)")
             # DESIGN's limit model: time/token >= bytes read / bandwidth + compute (the resident run's time/token).
-            limit = 1 / (h["bytes_per_token"] / (bandwidth * 1e6) + 1 / resident["tok_s"])
+            limit = 1 / (h["bytes_per_token"] / (h["bandwidth"] * 1e6) + 1 / resident["tok_s"])
             print(f"hobbit vs the limit model (reads at the cold bandwidth + the resident run's compute, "
                   f"{limit:.2f} tok/s): {h['tok_s'] / limit:.0%}")
     if args.llama_python:

@@ -95,7 +95,7 @@ def _policy_choice() -> click.Choice:
 @click.option("--profile", default=None, help="Take the budget from a hardware profile's memory_mb.")
 @click.option("--t1", type=float, default=None, help="s <= T1 loads high precision (hobbit: 0.6).")
 @click.option("--t2", type=float, default=None, help="s > T2 is skipped (hobbit: 0.9).")
-@click.option("--prefetch", "prefetch_layers", type=int, default=None, help="Layers to predict ahead (hobbit: 1).")
+@click.option("--prefetch", "prefetch_layers", type=int, default=None, help="Layers to predict ahead (hobbit: 2).")
 def run_cmd(store, prompt, prompt_ids, tokenizer_path, new_tokens, policy, budget_fraction, budget_mb, profile, t1, t2,
             prefetch_layers) -> None:
     """Generate from STORE with offloaded experts and print cache statistics.
