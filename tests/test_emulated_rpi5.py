@@ -146,6 +146,35 @@ def test_fused_scan_kernel_tests_pass_on_aarch64(board: Device, tmp_path: Path):
     assert "7 passed" in output and "aarch64 worst max rel error" in output
 
 
+def test_moe_expert_kernels_built_for_aarch64_match_numpy_on_the_board(board: Device, tmp_path: Path):
+    """edgeopt/ops/csrc/moe_experts.cpp cross-compiled for the Pi 5's Cortex-A76 (its `__fp16` path, not the x86
+    intrinsics) computes fp16 / int4 experts and bf16 linears to 1e-5 of float64 numpy on the board."""
+    import shutil
+
+    from edgeopt.ops.build_kernels import BASE_FLAGS, MOE_SOURCE
+
+    cross = shutil.which("aarch64-linux-gnu-g++")
+    if cross is None:
+        reason = "no aarch64 cross compiler (apt install g++-aarch64-linux-gnu)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must cross-compile the MoE kernels: {reason}")
+        pytest.skip(reason)
+    upload = tmp_path / "moe"
+    upload.mkdir()
+    subprocess.run([cross, "-mcpu=cortex-a76", *BASE_FLAGS, str(MOE_SOURCE), "-o", str(upload / "libedgeopt_moe.so")],
+                   check=True, capture_output=True)
+    (upload / "check.py").write_bytes((ROOT / "tests" / "moe_kernels_check_numpy.py").read_bytes())
+    remote = f"{board.workdir}/moe-kernels"
+    ssh.upload_dir(board, upload, remote)
+    command = ssh.remote_command([ssh.remote_path(board.python), f"{remote}/check.py", f"{remote}/libedgeopt_moe.so"])
+    proc = ssh.ssh(board, command, "running the MoE kernel check", timeout=600)
+    output = proc.stdout.decode(errors="replace")
+    print(output)
+    assert proc.returncode == 0, output + proc.stderr.decode(errors="replace")
+    kinds = [line.split()[0] for line in output.splitlines() if " hidden " in line]
+    assert sorted(kinds) == sorted(["f16", "q4", "bf16"] * 4) and "PASS" in output
+
+
 def test_stopped_board_is_connection_refused(board: Device, rpi5_runs, tmp_path: Path):
     import socket
 
