@@ -62,9 +62,9 @@ class LoadedExpert:
         return tuple(m.float() if isinstance(m, torch.Tensor) else m.dequantize() for m in (self.gate_up, self.down))
 
     def upcast(self) -> LoadedExpert:
-        """fp32 copies of the dense matrices, made once: what the fully resident policy holds, so that
-        no token pays an fp16 → fp32 conversion (43% of a resident decode step on moe-lm when converted
-        on every use). Costs twice the fp16 bytes, which `nbytes` says."""
+        """fp32 copies of the dense matrices, made once: what the fully resident policy holds where the
+        expert kernels are unavailable, so that no token pays an fp16 → fp32 conversion (43% of a resident
+        decode step on moe-lm when converted on every use). Costs twice the fp16 bytes, which `nbytes` says."""
         gate_up, down = (m.float() for m in (self.gate_up, self.down))
         return LoadedExpert(self.precision, gate_up, down, 4 * (gate_up.numel() + down.numel()))
 
