@@ -31,6 +31,7 @@ from edgeopt.data import load_dataset
 from edgeopt.evaluate import parity, run_onnx, run_tflite, torch_outputs
 from edgeopt.exporters.onnx import export_onnx
 from edgeopt.exporters.tflite import export_tflite
+from edgeopt.lowrank.measure import runner
 from edgeopt.models import build_model
 from edgeopt.passes.quantize import make_deployable, quantize_file
 from edgeopt.quantize import quantizable_layers
@@ -56,30 +57,9 @@ def small_cnn(splits, epochs: int = 6) -> nn.Module:
     return model.eval()
 
 
-def latency_ms(fmt: str, path: Path, sample: np.ndarray, threads: int, runs: int) -> float:
-    """Median batch-1 latency of one invoke, after warm-up."""
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: sample}
-
-        def call() -> None:
-            session.run(None, feed)
-    else:
-        from ai_edge_litert.interpreter import Interpreter
-
-        interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        interpreter.allocate_tensors()
-        index = interpreter.get_input_details()[0]["index"]
-
-        def call() -> None:
-            interpreter.set_tensor(index, sample)
-            interpreter.invoke()
-
-    return median_ms(call, runs, warmup=max(10, runs // 10))
+def latency_ms(path: Path, sample: np.ndarray, threads: int, runs: int) -> float:
+    """Median batch-1 latency of one invoke, after warm-up, in the runtime the file's suffix names."""
+    return median_ms(runner(path, sample, threads), runs, warmup=max(10, runs // 10))
 
 
 def deployable_bytes(path: Path) -> tuple[int, int]:
@@ -197,7 +177,7 @@ def main() -> None:
                     path = quantize_file(fmt, mode, fp32, calib, Path(work) / f"{mode}.{fmt}")
                 out = run(path, x)
                 top1, (size, consts) = accuracy(out, y), deployable_bytes(path)
-                ms = latency_ms(fmt, path, sample, args.threads, args.runs)
+                ms = latency_ms(path, sample, args.threads, args.runs)
                 base_ms, base_bytes, base_consts = base_ms or ms, base_bytes or size, base_consts or consts
                 label = f"{fmt} {'int8 ' + mode if mode in ('static', 'dynamic', 'mixed') else mode}"
                 print(

@@ -13,6 +13,13 @@ from edgeopt.moe.store import LoadedExpert
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the expert kernels")
 
 
+def _swiglu(x: torch.Tensor, gate_up, down) -> torch.Tensor | None:
+    """The kernels on one input as `LoadedExpert.forward` uses them; None where they do not apply."""
+    run = kernels.prepare(gate_up, down)
+    hidden = down.shape[0] if isinstance(down, torch.Tensor) else down.codes.shape[0]
+    return run(x) if run is not None and kernels.applies(x, hidden) else None
+
+
 def _expert(hidden: int, inter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2 * inter, hidden, generator=g) * 0.05, torch.randn(hidden, inter, generator=g) * 0.05
@@ -28,7 +35,7 @@ def test_fp16_expert_equals_the_upcast_reference(hidden, inter, tokens):
     gate_up, down = (m.half() for m in _expert(hidden, inter, hidden + inter))
     x = torch.randn(tokens, hidden)
     want = swiglu_expert(x, gate_up.float(), down.float())
-    got = kernels.swiglu(x, gate_up, down)
+    got = _swiglu(x, gate_up, down)
     assert got is not None and got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
@@ -40,7 +47,7 @@ def test_int4_expert_equals_the_dequantized_reference(hidden, inter, tokens):
     q_gu, q_d = (quantize(m, QuantSpec(4, 64)) for m in (gate_up, down))
     x = torch.randn(tokens, hidden)
     want = swiglu_expert(x, q_gu.dequantize(), q_d.dequantize())
-    got = kernels.swiglu(x, q_gu, q_d)
+    got = _swiglu(x, q_gu, q_d)
     assert got is not None
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
@@ -48,11 +55,11 @@ def test_int4_expert_equals_the_dequantized_reference(hidden, inter, tokens):
 def test_the_kernels_decline_what_they_do_not_compute():
     gate_up, down = _expert(64, 32, 0)
     x = torch.randn(1, 64)
-    assert kernels.swiglu(x, gate_up, down) is None  # fp32 weights: PyTorch's own GEMV
+    assert _swiglu(x, gate_up, down) is None  # fp32 weights: PyTorch's own GEMV
     q2 = [quantize(m, QuantSpec(2, 32)) for m in (gate_up, down)]
-    assert kernels.swiglu(x, *q2) is None  # int2
-    assert kernels.swiglu(torch.randn(kernels.MAX_TOKENS + 1, 64), gate_up.half(), down.half()) is None  # prefill
-    assert kernels.swiglu(torch.randn(1, 32), gate_up.half(), down.half()) is None  # wrong width
+    assert _swiglu(x, *q2) is None  # int2
+    assert _swiglu(torch.randn(kernels.MAX_TOKENS + 1, 64), gate_up.half(), down.half()) is None  # prefill
+    assert _swiglu(torch.randn(1, 32), gate_up.half(), down.half()) is None  # wrong width
 
 
 def test_loaded_expert_gives_the_same_output_with_and_without_the_kernels(monkeypatch):

@@ -65,8 +65,7 @@ def prepare(gate_up, down) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if not dense and not (isinstance(gate_up, QuantizedWeight) and isinstance(down, QuantizedWeight)
                           and gate_up.bits == down.bits == 4):
         return None
-    inter = _shape(down)[1]
-    hidden = _shape(down)[0]
+    hidden, inter = _shape(down)
     if _shape(gate_up) != (2 * inter, hidden):
         return None
     lib = library()
@@ -97,12 +96,6 @@ def prepare(gate_up, down) -> Callable[[torch.Tensor], torch.Tensor] | None:
 def applies(x: torch.Tensor, hidden: int) -> bool:
     """Whether an input is one the kernels take: fp32 (tokens, hidden) of a decode step or a short prompt."""
     return x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= MAX_TOKENS and x.shape[1] == hidden
-
-
-def swiglu(x: torch.Tensor, gate_up, down) -> torch.Tensor | None:
-    """One-off form of `prepare` (None where the kernels do not apply)."""
-    run = prepare(gate_up, down)
-    return run(x) if run is not None and applies(x, _shape(down)[0]) else None
 
 
 class CompactLinear(nn.Module):

@@ -147,9 +147,6 @@ class Replacement:
 
         return score
 
-    def __call__(self, key: tuple[int, int], high_pool: bool) -> float:
-        return self.scorer(high_pool)(key)
-
 
 Trace = list[list[list[list[tuple[int, float]]]]]  # sequence → token → layer → [(expert, weight)] by rank
 
