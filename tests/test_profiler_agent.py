@@ -395,19 +395,3 @@ def test_int8_engine_flags_and_refusals(digits_model, fake_gpu, tmp_path):  # no
     with pytest.raises(AgentError, match="dynamic dimensions .* beyond the batch"):
         build_engine(str(digits_model.onnx_path), "fp16")
     assert len(trt.builds) == 2
-
-
-def test_onnxruntime_sessions_do_not_preplan_memory(digits_model, tmp_path):  # noqa: F811
-    """ORT's memory pattern pre-allocates every intermediate of a run at once (VMamba-T's standard-op graph:
-    1145 vs 662 MiB peak); the agent turns it off, and its outputs stay the same."""
-    import importlib
-
-    import onnxruntime as ort
-
-    agent = importlib.import_module("edgeopt.profiler.agent")
-    model = agent.OnnxRuntimeModel(str(digits_model.onnx_path), 1, {})
-    assert model.session.get_session_options().enable_mem_pattern is False
-    x = np.asarray(digits_model.eval_x[:8], dtype=np.float32)
-    plain = ort.InferenceSession(str(digits_model.onnx_path), providers=["CPUExecutionProvider"])
-    want = plain.run(None, {plain.get_inputs()[0].name: x})[0]
-    np.testing.assert_allclose(model.run(x), want, rtol=1e-5, atol=1e-6)

@@ -109,7 +109,6 @@ def runner(path: Path, x: np.ndarray, threads: int) -> Callable[[], object]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.enable_mem_pattern = False  # as the profiler agent (lower peak memory, same speed)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x}
     return lambda: session.run(None, feed)

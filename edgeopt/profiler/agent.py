@@ -227,10 +227,6 @@ class OnnxRuntimeModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        # ORT's memory pattern pre-plans one block for every intermediate of the first run: on VMamba-T's
-        # 8.7K-node standard-op graph that was 1145 MiB peak RSS vs 662 MiB without it, at the same speed
-        # (1260 vs 1222 ms; digits-vmamba and the detector within noise, 2-27 MiB less).
-        opts.enable_mem_pattern = False
         providers = meta.get("providers") or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         self.providers = self.session.get_providers()
