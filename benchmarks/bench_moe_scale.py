@@ -1,7 +1,7 @@
 """MoE offloading at real size: a ≥ 2 GB random-weight MoE from a real architecture's config.
 
     nice python benchmarks/bench_moe_scale.py [--model qwen3-moe-2g] [--budgets 0.1,0.25,0.5]
-        [--cache-dir ~/.cache/edgeopt/moe-scale] [--decode-tokens 16] [--policies ...]
+        [--cache-dir ~/.cache/edgeopt/moe-scale] [--decode-tokens 16] [--policies ...] [--read-mbps 450]
 
 1. Writes the checkpoint once into the cache dir (never the repo): `edgeopt.moe.synth` makes
    random bf16 weights with the shapes of the architecture (`SCALE_CONFIGS`), in 512 MiB shards.
@@ -27,11 +27,17 @@ lift of 1.76 on held-out text). HOBBIT's replacement weights and its high/low po
 on a routing trace of training-split text (never the decoded text); its importance thresholds stay
 the paper's T1 = 0.6, T2 = 0.9. Policies run one after another, not interleaved, on a shared host:
 compare ratios. The page cache is dropped with /proc/sys/vm/drop_caches (root), else with posix_fadvise.
+
+`--read-mbps N` runs all of it with reads from the store's disk throttled to N MB/s (a blkio cgroup): the
+storage of the boards HOBBIT targets is slower than this host's disk (measured here 0.9-1.9 GB/s with
+O_DIRECT), e.g. a Raspberry Pi 5's NVMe on the M.2 HAT+ at its default PCIe Gen 2 x1 (link ~500 MB/s;
+~840 MB/s read forced to Gen 3) or a microSD card (40-85 MB/s). The CPU stays this host's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -56,6 +62,42 @@ def drop_page_cache(files: list[Path]) -> str:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         return "fadvise"
+
+
+def whole_disk(path: Path) -> str:
+    """MAJ:MIN of the disk holding `path` (a partition's parent: block throttles act on whole disks)."""
+    dev = os.stat(path).st_dev
+    sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if (sys_dev / "partition").is_file():
+        return (sys_dev.resolve().parent / "dev").read_text().strip()
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+@contextlib.contextmanager
+def read_limit(path: Path, mbps: float | None):
+    """Run the block below (this process and its children) with reads from `path`'s disk limited to `mbps`
+    MB/s by a blkio cgroup (v1 blkio.throttle.read_bps_device, v2 io.max); yields a description."""
+    if not mbps:
+        yield "this host's disk, unthrottled"
+        return
+    disk, rate, name = whole_disk(path), int(mbps * 1e6), f"edgeopt-moe-scale-{os.getpid()}"
+    v1 = Path("/sys/fs/cgroup/blkio")
+    if (v1 / "blkio.throttle.read_bps_device").exists():
+        root, how = v1, "cgroup v1 blkio.throttle.read_bps_device"
+        group = root / name
+        group.mkdir()
+        (group / "blkio.throttle.read_bps_device").write_text(f"{disk} {rate}\n")
+    else:
+        root, how = Path("/sys/fs/cgroup"), "cgroup v2 io.max"
+        group = root / name
+        group.mkdir()
+        (group / "io.max").write_text(f"{disk} rbps={rate}\n")
+    (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    try:
+        yield f"reads limited to {mbps:.0f} MB/s on disk {disk} by {how}"
+    finally:
+        (root / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        group.rmdir()
 
 
 def child_env() -> dict:
@@ -87,7 +129,7 @@ def prepare(model: str, cache: Path, tag: str) -> tuple[Path, dict]:
 
 def cold_bandwidth(store_path: Path, samples: int = 64, readers: int = 2) -> tuple[float, str]:
     """MB/s of reading fp16 records in random order right after dropping the page cache, with as many
-    parallel readers as the engine's loader has (a single reader understates what the device gives it)."""
+    parallel readers as the engine's loader has, through the store's own reads (O_DIRECT + checksum)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from edgeopt.moe.store import ExpertStore
@@ -115,8 +157,9 @@ prompt_len, ids = text["prompt_len"], torch.tensor([text["ids"]])
 decode = ids.shape[1] - prompt_len
 torch.set_num_threads(1)
 lm = OffloadedLM(store, policy, budget_fraction=fraction, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-# Every record read is dropped from the page cache right after: the experts do not fit in memory, so
-# neither do they fit in the page cache (this host's RAM would otherwise serve every re-read).
+# The experts do not fit in memory, so neither do they fit in the page cache (this host's RAM would otherwise
+# serve every re-read): the store reads through O_DIRECT, and where the file system has none every record
+# read is dropped from the page cache right after.
 lm.store.drop_after_read = True
 resident = sum(t.numel() * t.element_size() for t in list(lm.model.parameters()) + list(lm.model.buffers()))
 preload_read = lm.store.bytes_read
@@ -142,10 +185,13 @@ lm.close()
 """
 
 
-def run_policy(store: Path, policy: str, fraction: float, text: dict, overrides: dict | None = None) -> dict:
+def run_policy(store: Path, policy: str, fraction: float, text: dict, overrides: dict | None = None,
+               limit_mbps: float | None = None) -> dict:
     """One policy in a fresh child; the cold bandwidth is measured again right before it (this host's
-    disk drifts between runs: lru-fp16 read 582 vs 915 MB/s in two runs with the same start-up figure)."""
-    bandwidth = cold_bandwidth(store, samples=32)[0]
+    disk drifts between runs: lru-fp16 read 582 vs 915 MB/s in two runs with the same start-up figure).
+    Under a read limit the figure is capped at the limit: a short probe can run above it at the start of a
+    throttle slice (1.9 GB/s under an 840 MB/s limit once), while the decoding child reads at the limit."""
+    bandwidth = min(cold_bandwidth(store, samples=32)[0], limit_mbps or float("inf"))
     drop_page_cache([store / "experts.safetensors"])
     out = subprocess.run([sys.executable, "-c", RUN, str(store), policy, str(fraction), json.dumps(overrides or {}), json.dumps(text)],
                          env=child_env(), capture_output=True, text=True)
@@ -212,6 +258,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--prepare-only", action="store_true")
+    p.add_argument("--read-mbps", type=float, default=None,
+                   help="limit reads from the store's disk to this many MB/s (a blkio cgroup; root), e.g. 450 for a "
+                        "Raspberry Pi 5's NVMe on the M.2 HAT+ at its default PCIe Gen 2 x1 (link ~500 MB/s)")
     p.add_argument("--llama-python", default=None,
                    help="an interpreter with llama-cpp-python: also run llama.cpp on the same model (resident and "
                         "under a cgroup memory limit at the 25%% budget)")
@@ -229,6 +278,13 @@ def main() -> None:
           f"torch + transformers + the model's classes ({base_rss / 2**20:.0f} MiB): {pack_extra / 2**20:.0f} MiB")
     if args.prepare_only:
         return
+    with read_limit(store / "experts.safetensors", args.read_mbps) as where:
+        print(f"storage: {where}")
+        measure(args, store, base_rss)
+
+
+def measure(args, store: Path, base_rss: int) -> None:
+    """Resident, then every policy per budget, then llama.cpp; each in a fresh child process."""
     bandwidth, how = cold_bandwidth(store)
     print(f"cold read bandwidth {bandwidth:.0f} MB/s (fp16 records in random order, 2 parallel readers as the loader; page cache dropped by {how})")
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
@@ -253,7 +309,7 @@ def main() -> None:
         for name, t in tuned.items():
             print(f"{name} @ {fraction:.0%}: weights (lru, lfu, lhu, fld) = {t['weights']}, fp16 pool = "
                   f"{t['high_fraction']:.3g} of the budget (tuned on the calibration trace, {time.perf_counter() - t0:.0f} s)")
-        rows = {name: run_policy(store, name, fraction, text, tuned.get(name)) for name in policies}
+        rows = {name: run_policy(store, name, fraction, text, tuned.get(name), args.read_mbps) for name in policies}
         lru = rows.get("lru-fp16")
         r0 = next(iter(rows.values()))
         print(f"\nbudget {fraction:.0%} = {r0['budget'] / 2**20:.0f} MiB; resident (non-expert) weights in memory "

@@ -100,3 +100,49 @@ def test_not_a_store_is_input_error(tmp_path):
     (tmp_path / "store.json").write_text("{not json")
     with pytest.raises(InputError, match="cannot read"):
         ExpertStore(tmp_path)
+
+
+def _file_records(store: ExpertStore) -> dict[str, bytes]:
+    data = (store.path / "experts.safetensors").read_bytes()
+    return {name: data[offset : offset + length] for name, (offset, length) in store.offsets.items()}
+
+
+def test_direct_reads_return_the_records_and_keep_zlib_checksums(store_dir):
+    """Records come back whole through O_DIRECT (their offsets are not block-aligned), and the checksums are
+    zlib's crc32 (stores packed before zlib-ng stay readable)."""
+    import zlib
+
+    store = ExpertStore(store_dir)
+    if store._direct_fd is None:
+        pytest.skip("this file system has no O_DIRECT; reads are buffered (test below)")
+    expected = _file_records(store)
+    assert any(offset % 4096 for offset, _ in store.offsets.values())
+    for name, blob in expected.items():
+        layer, expert, precision = name[1:].split(".", 2)
+        got = store.read_raw(int(layer), int(expert[1:]), precision)
+        assert got.tobytes() == blob and got.flags.writeable
+        assert store.manifest["crc32"][name] == zlib.crc32(blob)
+    store.close()
+
+
+def test_read_falls_back_to_buffered_when_direct_io_is_refused(store_dir, monkeypatch):
+    import errno
+    import os
+
+    import edgeopt.moe.store as store_module
+
+    store = ExpertStore(store_dir)
+    refused = []
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if fd == store._direct_fd:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(store_module.os, "preadv", preadv)
+    expected = _file_records(store)
+    assert store.read_raw(2, 3, "int4").tobytes() == expected["l2.e3.int4"]
+    assert refused or store._direct_fd is None
+    store.close()
