@@ -83,16 +83,18 @@ def read_limit(path: Path, mbps: float | None):
     disk, rate, name = whole_disk(path), int(mbps * 1e6), f"edgeopt-moe-scale-{os.getpid()}"
     v1 = Path("/sys/fs/cgroup/blkio")
     if (v1 / "blkio.throttle.read_bps_device").exists():
-        root, how = v1, "cgroup v1 blkio.throttle.read_bps_device"
-        group = root / name
-        group.mkdir()
-        (group / "blkio.throttle.read_bps_device").write_text(f"{disk} {rate}\n")
+        root, how, knob, value = v1, "cgroup v1 blkio.throttle.read_bps_device", "blkio.throttle.read_bps_device", f"{disk} {rate}"
     else:
-        root, how = Path("/sys/fs/cgroup"), "cgroup v2 io.max"
-        group = root / name
+        root, how, knob, value = Path("/sys/fs/cgroup"), "cgroup v2 io.max", "io.max", f"{disk} rbps={rate}"
+    group = root / name
+    try:
         group.mkdir()
-        (group / "io.max").write_text(f"{disk} rbps={rate}\n")
-    (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        (group / knob).write_text(value + "\n")
+        (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    except OSError as exc:
+        if group.is_dir():
+            group.rmdir()
+        raise SystemExit(f"--read-mbps needs a writable {root} (root, and the io controller on cgroup v2): {exc}") from None
     try:
         yield f"reads limited to {mbps:.0f} MB/s on disk {disk} by {how}"
     finally:
