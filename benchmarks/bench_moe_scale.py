@@ -191,8 +191,8 @@ def run_policy(store: Path, policy: str, fraction: float, text: dict, overrides:
                limit_mbps: float | None = None) -> dict:
     """One policy in a fresh child; the cold bandwidth is measured again right before it (this host's
     disk drifts between runs: lru-fp16 read 582 vs 915 MB/s in two runs with the same start-up figure).
-    Under a read limit the figure is capped at the limit: a short probe can run above it at the start of a
-    throttle slice (1.9 GB/s under an 840 MB/s limit once), while the decoding child reads at the limit."""
+    Under a read limit the figure is capped at the limit: a short probe ran above it at times (1.9 GB/s under
+    an 840 MB/s limit once; cause not pinned down), while the decoding children read at the limit."""
     bandwidth = min(cold_bandwidth(store, samples=32)[0], limit_mbps or float("inf"))
     drop_page_cache([store / "experts.safetensors"])
     out = subprocess.run([sys.executable, "-c", RUN, str(store), policy, str(fraction), json.dumps(overrides or {}), json.dumps(text)],
