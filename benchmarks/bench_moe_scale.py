@@ -29,7 +29,7 @@ the paper's T1 = 0.6, T2 = 0.9. Policies run one after another, not interleaved,
 compare ratios. The page cache is dropped with /proc/sys/vm/drop_caches (root), else with posix_fadvise.
 
 `--read-mbps N` runs all of it with reads from the store's disk throttled to N MB/s (a blkio cgroup): the
-storage of the boards HOBBIT targets is slower than this host's disk (measured here 0.9-1.9 GB/s with
+storage of the boards HOBBIT targets is slower than this host's disk (measured here 1.5-2.0 GB/s with
 O_DIRECT), e.g. a Raspberry Pi 5's NVMe on the M.2 HAT+ at its default PCIe Gen 2 x1 (link ~500 MB/s;
 ~840 MB/s read forced to Gen 3) or a microSD card (40-85 MB/s). The CPU stays this host's.
 """

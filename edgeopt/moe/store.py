@@ -347,34 +347,28 @@ class ExpertStore:
             raise InputError(f"expert store has no record {name} (precisions: {', '.join(self.precisions)})")
         offset, length = self.offsets[name]
         t0 = time.perf_counter()
-        blob, got = self._read_direct(offset, length) if self._direct_fd is not None else (None, 0)
-        if blob is None:
-            # Writable, so tensors can view it without a copy; not zero-filled (a bytearray's memset of a
-            # 5 MB record ran on the loader thread holding the GIL, stalling the compute thread).
-            blob = np.empty(length, dtype=np.uint8)
-            got = os.preadv(self._fd, [blob], offset)
-            if self.drop_after_read:
-                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+        direct = self._read_direct(offset, length) if self._direct_fd is not None else None
+        blob, got = direct or self._read_buffered(offset, length)
         dt = time.perf_counter() - t0
         with self._lock:
             self.bytes_read += len(blob)
             self.read_seconds += dt
         if got != length:
             raise InputError(f"truncated expert store record {name} in {self.data_path}")
-        # Once per record and session. zlib-ng, not CPython's zlib: at zlib's 2.8 GB/s here the check cost the
-        # loader as much CPU as the read (and halved one reader's throughput); zlib-ng runs at ~28 GB/s.
+        # Once per record and session; with zlib-ng (CPython's zlib, at 2.8 GB/s here, cost the loader as much
+        # CPU as the read and halved one reader's throughput).
         if name not in self._verified:
             if crc32(blob) != self.manifest["crc32"][name]:
                 raise InputError(f"corrupted expert store record {name} in {self.data_path} (checksum mismatch)")
             self._verified.add(name)
         return blob
 
-    def _read_direct(self, offset: int, length: int) -> tuple[np.ndarray | None, int]:
+    def _read_direct(self, offset: int, length: int) -> tuple[np.ndarray, int] | None:
         """(record, bytes of it read) through O_DIRECT: the device writes into an aligned buffer, with no
         page-cache copy, so a read costs the loader thread ~0.08 CPU-ms/MB against 0.45-1.2 buffered with the
         pages dropped after it (this host, 2 readers), and the page cache holds no second copy of experts
         that by assumption do not fit in memory. The record is a view into the block-aligned span around it.
-        (None, 0) where the device refuses the alignment (EINVAL): this read goes buffered instead."""
+        None where the device refuses the alignment (EINVAL): this read goes buffered instead."""
         start = offset - offset % DIRECT_ALIGN
         span = -(-(offset + length - start) // DIRECT_ALIGN) * DIRECT_ALIGN
         raw = np.empty(span + DIRECT_ALIGN, dtype=np.uint8)
@@ -382,11 +376,20 @@ class ExpertStore:
         try:
             got = os.preadv(self._direct_fd, [raw[pad : pad + span]], start)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:  # a logical block larger than DIRECT_ALIGN; anything else is an error
-                raise
-            return None, 0
+            if exc.errno == errno.EINVAL:  # a logical block larger than DIRECT_ALIGN
+                return None
+            raise
         head = pad + offset - start
         return raw[head : head + length], max(0, min(got - (offset - start), length))
+
+    def _read_buffered(self, offset: int, length: int) -> tuple[np.ndarray, int]:
+        # Writable, so tensors can view it without a copy; not zero-filled (a bytearray's memset of a
+        # 5 MB record ran on the loader thread holding the GIL, stalling the compute thread).
+        blob = np.empty(length, dtype=np.uint8)
+        got = os.preadv(self._fd, [blob], offset)
+        if self.drop_after_read:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+        return blob, got
 
     def read(self, layer: int, expert: int, precision: str) -> LoadedExpert:
         return decode_expert(self.read_raw(layer, expert, precision), precision, self.shapes)

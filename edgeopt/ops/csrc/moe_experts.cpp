@@ -20,7 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -61,6 +61,14 @@ inline float to_float(half_t h) {
 
 constexpr int64_t LANES = 64;  // independent partial sums: hides FMA latency, vectorizes to 4 zmm / 16 q-regs
 
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
+inline float hsum256(__m256 a) {  // sum of the 8 lanes
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+#endif
+
 // <w_row, x> for an fp16 row of length K. x86 converts with F16C/AVX-512 explicitly: GCC 12 does not
 // vectorize _Float16 -> float conversions (the plain loop ran 9x slower than the intrinsics).
 inline float dot_f16(const half_t* w, const float* x, int64_t K) {
@@ -85,10 +93,7 @@ inline float dot_f16(const half_t* w, const float* x, int64_t K) {
     a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k + 16))), _mm256_loadu_ps(x + k + 16), a2);
     a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k + 24))), _mm256_loadu_ps(x + k + 24), a3);
   }
-  __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  s = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+  s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #else  // aarch64 (__fp16 converts in NEON) and others: independent partial sums the compiler vectorizes
   float acc[LANES] = {0};
   for (; k + LANES <= K; k += LANES)
@@ -165,10 +170,7 @@ inline float dot_bf16(const uint16_t* w, const float* x, int64_t K) {
     a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
     a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
   }
-  __m256 a = _mm256_add_ps(a0, a1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  s = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+  s = hsum256(_mm256_add_ps(a0, a1));
 #endif
   for (; k < K; ++k) {
     uint32_t bits = static_cast<uint32_t>(w[k]) << 16;
